@@ -1,0 +1,81 @@
+//! The at-exit finalizer, [`shutdown`] and [`exit`].
+
+use std::sync::Once;
+use std::time::Duration;
+
+use crate::process;
+use crate::sys;
+
+/// How long a daemonic child gets between `SIGTERM` and `SIGKILL` at exit.
+pub const DAEMON_GRACE: Duration = Duration::from_secs(2);
+
+static REGISTERED: Once = Once::new();
+
+/// Registers the finalizer with `atexit(3)` (once per process; called on the
+/// first fork). Children inherit the registration but leave with `_exit`,
+/// so it only runs in a child that calls `std::process::exit` itself, and
+/// then finalizes that child's own children.
+pub(crate) fn ensure_registered() {
+    REGISTERED.call_once(|| {
+        if let Err(e) = sys::register_atexit(at_exit) {
+            log::warn!("multiproc: cannot register the at-exit finalizer: {e}");
+        }
+    });
+}
+
+extern "C" fn at_exit() {
+    // A panic must not cross the C boundary of atexit.
+    let _ = std::panic::catch_unwind(shutdown);
+}
+
+/// The at-exit finalizer, callable early: sends `SIGTERM` to every live
+/// daemonic child (then `SIGKILL` to those still alive after
+/// [`DAEMON_GRACE`]), then waits for every other child of this process.
+///
+/// It runs by itself when `main` returns or `std::process::exit` is called
+/// (registered with `atexit` on the first fork), and at the end of every
+/// child this crate forks, for that child's own children. Like Python's, it
+/// waits for non-daemonic children without a limit: a child that never ends
+/// keeps the parent from exiting. Children of a [`Pool`](crate::Pool) are
+/// the pool's business, not the finalizer's.
+///
+/// ```
+/// let mut p = multiproc::Process::new(|| std::thread::sleep(std::time::Duration::from_secs(60)))
+///     .with_daemon(true);
+/// p.start()?;
+/// multiproc::shutdown();
+/// assert_eq!(p.exitcode(), Some(-15));
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub fn shutdown() {
+    process::reap_finished();
+    let children = process::children();
+    for c in children.iter().filter(|c| c.info.daemon()) {
+        let _ = c.popen.terminate();
+    }
+    for c in &children {
+        if c.info.daemon() {
+            if !matches!(c.popen.wait(Some(DAEMON_GRACE)), Ok(Some(_))) {
+                let _ = c.popen.kill();
+                let _ = c.popen.wait(None);
+            }
+        } else {
+            let _ = c.popen.wait(None);
+        }
+    }
+    process::reap_finished();
+}
+
+/// Ends the current process with `code`, as `sys.exit` does in a Python
+/// child: in a process forked by this crate, finalizes its children, flushes
+/// stdout and stderr and leaves with `_exit(code)` (no destructors, no
+/// at-exit handlers of the parent); in the main process, calls
+/// [`std::process::exit`], which runs the finalizer.
+pub fn exit(code: i32) -> ! {
+    if sys::in_forked_child() {
+        shutdown();
+        sys::flush_std_streams();
+        sys::exit_immediately(code)
+    }
+    std::process::exit(code)
+}

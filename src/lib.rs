@@ -1,0 +1,127 @@
+//! Python's `multiprocessing` model for Rust, built on `fork`.
+//!
+//! `multiproc` gives Rust programs real OS processes where threads are the
+//! wrong tool: crash isolation (a segfaulting C library, an `abort`, a leak),
+//! a hard kill of a runaway task, a parallel job whose items must not share a
+//! heap. Children are created with `fork(2)`, supervised from the parent
+//! with `waitpid(pid, WNOHANG)` and pidfds, and talk to it over Unix sockets
+//! with serde-encoded frames.
+//!
+//! # Tour
+//!
+//! A [`Process`] runs a closure in a child; its exit code follows Python:
+//! `0` when the closure returns, `1` when it panics, `n` after
+//! [`exit(n)`](exit), `-s` when signal `s` killed it.
+//!
+//! ```
+//! use multiproc::Process;
+//! use std::time::Duration;
+//!
+//! let mut ok = Process::new(|| println!("hello from the child")).with_name("greeter");
+//! ok.start()?;
+//! assert_eq!(ok.join()?, 0);
+//!
+//! let mut stuck = Process::new(|| loop { std::thread::sleep(Duration::from_secs(1)) });
+//! stuck.start()?;
+//! assert_eq!(stuck.join_timeout(Duration::from_millis(50))?, None);
+//! stuck.terminate()?;
+//! assert_eq!(stuck.join()?, -15);
+//! # Ok::<(), multiproc::Error>(())
+//! ```
+//!
+//! [`spawn`] runs a closure in a child and brings its return value back;
+//! a panic or a crash of the child is an [`Error`], not a crash of yours:
+//!
+//! ```
+//! let h = multiproc::spawn(|| vec![1u32, 2, 3].iter().sum::<u32>())?;
+//! assert_eq!(h.join()?, 6);
+//!
+//! let h = multiproc::spawn(|| -> u32 { std::process::abort() })?;
+//! assert!(matches!(h.join(), Err(multiproc::Error::Died { exitcode: -6, .. })));
+//! # Ok::<(), multiproc::Error>(())
+//! ```
+//!
+//! [`pipe`] gives a framed duplex [`Connection`] for any serde value, and
+//! [`wait`] waits on several connections and process sentinels at once.
+//! [`current_process`], [`parent_process`] and [`active_children`] tell a
+//! process who it is and who its children are; [`register_after_fork`] runs
+//! hooks in every new child.
+//!
+//! At the end of `main` (and on [`shutdown`]) the finalizer sends `SIGTERM`
+//! to daemonic children and waits for the others, as Python does. Daemonic
+//! children also die with their parent if it is killed.
+//!
+//! # Fork safety
+//!
+//! After `fork` the child holds a copy of the parent's memory but only *one*
+//! thread: the one that called `fork`. Any lock that another thread held at
+//! that instant is locked forever in the child, with no thread to release it.
+//!
+//! What this crate does about it:
+//! - Its own code between the fork and your closure takes no lock another
+//!   thread could hold: the locks it needs (its child registry, the stdout
+//!   and stderr locks) are taken *before* the fork by the forking thread and
+//!   released on both sides after it.
+//! - Stdout and stderr are flushed before every fork (no text printed twice)
+//!   and again before the child's `_exit` (a trailing `print!` still shows).
+//! - A panic in the child is reported with one raw `write(2)`, not through
+//!   std's panic hook, which takes the stderr and backtrace locks.
+//! - The child ends with `_exit`: it never returns into your stack (a test
+//!   harness, a server loop) and never runs your destructors twice.
+//! - Forking from a process with several threads logs one warning (through
+//!   the `log` crate).
+//!
+//! What is fine in the child: allocation (glibc's malloc has fork handlers),
+//! `println!`, files, sockets, anything your own single thread set up.
+//! What breaks: a `Mutex` (yours or a library's) that another thread held at
+//! fork time, a thread pool or async runtime started before the fork (its
+//! threads do not exist in the child), a logger whose background thread
+//! flushes for you.
+//!
+//! What to do: fork before starting threads where you can; create pools at
+//! the start of `main`; do not use a runtime inherited from the parent in
+//! the child (build a new one there); reseed random generators in a
+//! [`register_after_fork`] hook. This is the same contract as Python's
+//! `fork` start method, made explicit.
+//!
+//! # Caveats
+//! - Dropping a [`Process`] or [`JoinHandle`] does not kill or wait for the
+//!   child; finished children are reaped by the next [`Process::start`] or
+//!   [`active_children`] and at exit. The crate only ever waits for pids it
+//!   forked (never `waitpid(-1)`): children of [`std::process::Command`] or
+//!   other libraries keep their statuses.
+//! - `PR_SET_PDEATHSIG` (used for daemonic children) fires when the *thread*
+//!   that forked the child exits. Daemonic children started from a thread
+//!   other than the main one are therefore forked by a dedicated, long-lived
+//!   thread of this crate, so they live as long as the process.
+//! - With `panic = "abort"` a panicking child aborts (exit code `-6`).
+//!
+//! # Platform support
+//! Linux (pidfds from 5.3, with a sentinel-pipe fallback on older kernels).
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_debug_implementations)]
+#![doc(test(attr(deny(warnings))))]
+
+mod codec;
+mod connection;
+mod error;
+mod finalize;
+mod popen;
+mod process;
+mod spawn;
+mod sys;
+mod unwind;
+
+pub use codec::DEFAULT_MAX_FRAME_LEN;
+pub use connection::{pipe, wait, Connection};
+pub use error::{CodecError, CodecErrorKind, Error, Result};
+pub use finalize::{exit, shutdown, DAEMON_GRACE};
+pub use popen::Popen;
+pub use process::{
+    active_children, cpu_count, current_process, parent_process, register_after_fork, Process,
+    ProcessInfo,
+};
+pub use spawn::{spawn, JoinHandle};

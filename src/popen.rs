@@ -1,0 +1,241 @@
+//! [`Popen`]: one forked child, polled with `waitpid(pid, WNOHANG)`.
+
+use std::fmt;
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::sys::{self, Pid, Sig};
+use crate::unwind;
+
+/// Upper bound on one sleep while waiting on a sentinel *pipe* (the fallback
+/// for kernels without pidfd): a sibling forked by another thread at the
+/// wrong moment can hold a copy of the pipe's write end and delay its EOF.
+const PIPE_SENTINEL_SLICE: Duration = Duration::from_millis(50);
+
+/// One forked child: its pid, an fd that becomes readable when it exits (a
+/// pidfd, or the read end of a pipe whose only writer is the child), and its
+/// cached exit code once reaped.
+///
+/// `Popen` is the low-level layer under [`Process`](crate::Process): it
+/// forks, runs a closure in the child and leaves with `_exit` of the value
+/// the closure returns (1 if it panics, after one line on stderr), and it
+/// reaps *only its own pid*. It does not register the child with the at-exit
+/// finalizer, name it, or redirect its stdin: use `Process` for that.
+///
+/// Like [`std::process::Child`], dropping a `Popen` neither kills nor reaps
+/// the child. Exit codes follow Python: `n` for an exit status, `-s` for
+/// death by signal `s`.
+///
+/// ```
+/// use std::time::Duration;
+/// let child = multiproc::Popen::fork(|| 3)?;
+/// assert_eq!(child.wait(Some(Duration::from_secs(10)))?, Some(3));
+/// assert_eq!(child.returncode(), Some(3));
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub struct Popen {
+    pid: Pid,
+    sentinel: OwnedFd,
+    pidfd: bool,
+    returncode: Mutex<Option<i32>>,
+}
+
+impl Popen {
+    /// Forks a child that runs `child` and exits with the code it returns.
+    ///
+    /// Stdout and stderr are flushed first, so buffered text is not printed
+    /// twice; the child flushes them again before its `_exit`. A panic in
+    /// `child` is caught: one line on stderr, exit code 1.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if `fork` fails (`EAGAIN`: process limit, `ENOMEM`) or
+    /// no pidfd/sentinel can be opened for the child (it is then killed and
+    /// reaped before the error is returned).
+    pub fn fork<F: FnOnce() -> i32>(child: F) -> Result<Popen> {
+        unwind::install_hook();
+        Popen::fork_raw(move || unwind::catch(child).unwrap_or(1))
+    }
+
+    /// Forks a child that runs `child`; the closure's value is the exit code.
+    /// No panic handling: callers wrap `child` themselves.
+    pub(crate) fn fork_raw<F: FnOnce() -> i32>(child: F) -> Result<Popen> {
+        let use_pidfd = sys::pidfd_supported();
+        let (pipe_r, pipe_w) = if use_pidfd {
+            (None, None)
+        } else {
+            let (r, w) = sys::pipe()?;
+            (Some(r), Some(w))
+        };
+        let read_raw = pipe_r.as_ref().map(sys::raw);
+        let pid = sys::fork_child(move || {
+            // Child: keep the sentinel's write end open until `_exit` (its
+            // closing is the signal), and drop our copy of the read end.
+            if let Some(r) = read_raw {
+                sys::close_raw(r);
+            }
+            mem::forget(pipe_w);
+            child()
+        })?;
+        let sentinel = match pipe_r {
+            Some(r) => r,
+            None => match sys::pidfd_open(pid) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    let _ = sys::send_signal(pid, Sig::SIGKILL);
+                    let _ = sys::wait_blocking(pid);
+                    return Err(e.into());
+                }
+            },
+        };
+        Ok(Popen {
+            pid,
+            sentinel,
+            pidfd: use_pidfd,
+            returncode: Mutex::new(None),
+        })
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    /// The exit code if the child has been reaped, without a system call.
+    pub fn returncode(&self) -> Option<i32> {
+        *self.lock()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<i32>> {
+        // The guarded value is a plain Option<i32>: a panic elsewhere cannot
+        // leave it inconsistent, so poisoning is ignored.
+        self.returncode.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `waitpid(pid, WNOHANG)`: `Ok(None)` while the child runs, its exit
+    /// code once it has exited (reaping it on the first such call).
+    ///
+    /// # Errors
+    /// [`Error::Io`] (`ECHILD`) if something else reaped the pid, for example
+    /// a `waitpid(-1)` elsewhere in the program.
+    pub fn poll(&self) -> Result<Option<i32>> {
+        let mut rc = self.lock();
+        if rc.is_none() {
+            *rc = sys::try_wait(self.pid)?;
+        }
+        Ok(*rc)
+    }
+
+    /// Waits for the child to exit, at most `timeout` (`None`: no limit).
+    /// Returns its exit code, or `None` on timeout. Sleeps on the child's
+    /// pidfd (or sentinel pipe): no busy polling.
+    ///
+    /// # Errors
+    /// As [`poll`](Popen::poll).
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<i32>> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            if let Some(code) = self.poll()? {
+                return Ok(Some(code));
+            }
+            let mut left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                return Ok(None);
+            }
+            if !self.pidfd {
+                left = Some(left.map_or(PIPE_SENTINEL_SLICE, |l| l.min(PIPE_SENTINEL_SLICE)));
+            }
+            sys::poll_readable(&[self.sentinel.as_fd()], left)?;
+        }
+    }
+
+    /// Sends `SIGTERM`. Does nothing once the child has been reaped (its pid
+    /// may belong to another process by then).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if `kill(2)` fails for another reason than a vanished pid.
+    pub fn terminate(&self) -> Result<()> {
+        self.send_signal(Sig::SIGTERM)
+    }
+
+    /// Sends `SIGKILL`; see [`terminate`](Popen::terminate).
+    ///
+    /// # Errors
+    /// As [`terminate`](Popen::terminate).
+    pub fn kill(&self) -> Result<()> {
+        self.send_signal(Sig::SIGKILL)
+    }
+
+    /// Sends `signal` (a raw signal number, as `libc::SIGUSR1`) to the child,
+    /// unless it has been reaped already.
+    ///
+    /// # Errors
+    /// [`Error::Io`] for an invalid signal number or a failing `kill(2)`.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let sig = Sig::try_from(signal).map_err(|e| Error::Io(e.into()))?;
+        self.send_signal(sig)
+    }
+
+    pub(crate) fn send_signal(&self, sig: Sig) -> Result<()> {
+        // Holding the lock, nobody reaps between the check and the kill: an
+        // unreaped child's pid cannot be recycled (std's pid-reuse guard).
+        let rc = self.lock();
+        if rc.is_some() {
+            return Ok(());
+        }
+        match sys::send_signal(self.pid, sig) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(()),
+            other => other.map_err(Error::from),
+        }
+    }
+
+    /// An fd that polls readable once the child has exited: its pidfd, or the
+    /// read end of a sentinel pipe on kernels without pidfd. For `poll`,
+    /// epoll, mio or tokio's `AsyncFd`; see also [`wait`](crate::wait).
+    pub fn sentinel(&self) -> BorrowedFd<'_> {
+        self.sentinel.as_fd()
+    }
+}
+
+impl fmt::Debug for Popen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Popen")
+            .field("pid", &self.pid.as_raw())
+            .field("sentinel", &self.sentinel.as_raw_fd())
+            .field("returncode", &self.returncode())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Option<Duration> = Some(Duration::from_secs(10));
+
+    #[test]
+    fn exit_code_and_cached_status() {
+        let p = Popen::fork(|| 5).unwrap();
+        assert_eq!(p.wait(T).unwrap(), Some(5));
+        assert_eq!(p.poll().unwrap(), Some(5));
+        // Signalling a reaped child is a no-op, not an error.
+        p.kill().unwrap();
+    }
+
+    #[test]
+    fn killed_by_signal_is_negative() {
+        let (r, w) = sys::pipe().unwrap();
+        let p = Popen::fork(move || {
+            let mut b = [0u8; 1];
+            let _ = sys::read(r.as_fd(), &mut b);
+            0
+        })
+        .unwrap();
+        assert_eq!(p.wait(Some(Duration::from_millis(20))).unwrap(), None);
+        p.terminate().unwrap();
+        assert_eq!(p.wait(T).unwrap(), Some(-15));
+        drop(w);
+    }
+}

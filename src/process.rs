@@ -1,0 +1,553 @@
+//! [`Process`], the child bootstrap, and the registry of our children.
+
+use std::fmt;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::popen::Popen;
+use crate::sys::{self, Sig};
+use crate::unwind;
+
+/// The name, pid and daemon flag of a process: what [`current_process`],
+/// [`parent_process`] and [`active_children`] report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    name: String,
+    pid: u32,
+    daemon: bool,
+}
+
+impl ProcessInfo {
+    /// The process's name: `"MainProcess"` for the process that was not
+    /// forked by this crate, `"Process-N"` (nested `"Process-1:2"`) or the
+    /// name given with [`Process::with_name`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process is daemonic.
+    pub fn daemon(&self) -> bool {
+        self.daemon
+    }
+}
+
+/// Who the current process is, set once in each child right after the fork.
+struct Identity {
+    /// `"1"`, `"1:2"`, …: the path of counters from the main process.
+    ident: String,
+    info: ProcessInfo,
+    parent: ProcessInfo,
+}
+
+/// Empty in the main process; in a child, set once by the bootstrap before
+/// any other thread can exist. Lock-free, so reading it after a fork is safe.
+static IDENTITY: sys::LeakedCell<Identity> = sys::LeakedCell::new();
+
+/// The next `N` of a default `Process-N` name; reset to 1 in every child.
+static COUNTER: AtomicUsize = AtomicUsize::new(1);
+
+fn identity() -> Option<&'static Identity> {
+    IDENTITY.get()
+}
+
+fn set_identity(id: Identity) {
+    IDENTITY.set(id);
+}
+
+/// The process this code runs in.
+///
+/// ```
+/// assert_eq!(multiproc::current_process().name(), "MainProcess");
+/// ```
+pub fn current_process() -> ProcessInfo {
+    match identity() {
+        Some(id) => id.info.clone(),
+        None => ProcessInfo {
+            name: "MainProcess".to_string(),
+            pid: sys::getpid().as_raw() as u32,
+            daemon: false,
+        },
+    }
+}
+
+/// The process that forked this one, if this crate forked it (`None` in the
+/// main process).
+pub fn parent_process() -> Option<ProcessInfo> {
+    identity().map(|id| id.parent.clone())
+}
+
+/// The number of CPUs available to this process.
+pub fn cpu_count() -> usize {
+    num_cpus::get()
+}
+
+/// One child in the registry: shared by its [`Process`] handle (if any is
+/// left) and the registry, which keeps it until it has been reaped.
+pub(crate) struct Child {
+    pub(crate) popen: Popen,
+    pub(crate) info: ProcessInfo,
+}
+
+/// Our live (or not yet reaped) children. Python's `_children`.
+static REGISTRY: Mutex<Vec<Arc<Child>>> = Mutex::new(Vec::new());
+
+pub(crate) fn registry() -> MutexGuard<'static, Vec<Arc<Child>>> {
+    // A Vec of Arcs stays consistent whatever panicked while it was locked.
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reaps every finished child in the registry and drops it from there.
+pub(crate) fn reap_finished() {
+    registry().retain(|c| matches!(c.popen.poll(), Ok(None)));
+}
+
+pub(crate) fn forget_child(pid: u32) {
+    registry().retain(|c| c.popen.pid() != pid);
+}
+
+/// A snapshot of the registry.
+pub(crate) fn children() -> Vec<Arc<Child>> {
+    registry().clone()
+}
+
+/// The live children of the current process (started with [`Process`] or
+/// [`spawn`](crate::spawn) and not yet finished). Reaps the finished ones on
+/// the way, so a program that drops its handles leaves no zombie behind.
+///
+/// ```
+/// let mut p = multiproc::Process::new(|| std::thread::sleep(std::time::Duration::from_secs(5)));
+/// p.start()?;
+/// assert!(multiproc::active_children().iter().any(|c| Some(c.pid()) == p.pid()));
+/// p.kill()?;
+/// p.join()?;
+/// assert!(multiproc::active_children().iter().all(|c| Some(c.pid()) != p.pid()));
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub fn active_children() -> Vec<ProcessInfo> {
+    let mut reg = registry();
+    reg.retain(|c| matches!(c.popen.poll(), Ok(None)));
+    reg.iter().map(|c| c.info.clone()).collect()
+}
+
+static AFTER_FORK: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
+
+/// Registers `hook` to run in every new child, before its target, in
+/// registration order (Python's `os.register_at_fork(after_in_child=...)`).
+///
+/// The place to reseed a random number generator, reopen a log file or drop a
+/// connection pool that must not be shared with the parent. A generator
+/// seeded before the fork (for example `rand`'s `StdRng::seed_from_u64`, or
+/// any PRNG state in a `static`) is *copied* into every child: without a
+/// reseed here, all children draw the same numbers.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// static SEED: AtomicU64 = AtomicU64::new(0);
+/// fn reseed() {
+///     SEED.store(std::process::id() as u64, Ordering::Relaxed);
+/// }
+/// multiproc::register_after_fork(reseed);
+/// let h = multiproc::spawn(|| SEED.load(Ordering::Relaxed))?;
+/// let pid = h.pid() as u64;
+/// assert_eq!(h.join()?, pid);
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub fn register_after_fork(hook: fn()) {
+    AFTER_FORK
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(hook);
+}
+
+/// The target of a child, boxed.
+type Target = Box<dyn FnOnce() + Send + 'static>;
+
+/// Everything the bootstrap needs, prepared in the parent.
+struct ChildSpec {
+    ident: String,
+    name: String,
+    daemon: bool,
+    /// Children that must die with this process get `PR_SET_PDEATHSIG`.
+    death_signal: Option<Sig>,
+    parent: ProcessInfo,
+    parent_pid: u32,
+    after_fork: Vec<fn()>,
+}
+
+/// A process running a closure, created with [`Process::new`] and started with
+/// [`Process::start`] (Python's `multiprocessing.Process`).
+///
+/// The child is a `fork` of the caller: it sees a copy of the parent's memory
+/// at the moment of `start`, runs the target, and leaves with `_exit` — it
+/// never returns into the caller's stack and never runs the parent's
+/// destructors or at-exit handlers. Its exit code is 0 when the target
+/// returns, 1 when it panics (after one line on stderr naming the process and
+/// the message), `n` after [`exit(n)`](crate::exit), and `-s` when a signal
+/// `s` killed it.
+///
+/// Dropping a `Process` neither kills nor waits for the child. Finished
+/// children are reaped by the next [`start`](Process::start) or
+/// [`active_children`]; at the end of `main` the at-exit finalizer terminates
+/// daemonic children and joins the others (see [`shutdown`](crate::shutdown)).
+///
+/// ```
+/// use multiproc::Process;
+/// let mut p = Process::new(|| multiproc::exit(3)).with_name("worker");
+/// p.start()?;
+/// assert_eq!(p.join()?, 3);
+/// assert_eq!(p.exitcode(), Some(3));
+/// assert_eq!(p.name(), "worker");
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub struct Process {
+    target: Option<Target>,
+    ident: String,
+    name: String,
+    daemon: bool,
+    child: Option<Arc<Child>>,
+}
+
+impl Process {
+    /// A process that will run `target` once started. Its default name is
+    /// `Process-N`, numbered per parent (`Process-1:2` for the second child
+    /// of `Process-1`).
+    pub fn new(target: impl FnOnce() + Send + 'static) -> Process {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let ident = match identity() {
+            Some(id) => format!("{}:{n}", id.ident),
+            None => n.to_string(),
+        };
+        Process {
+            target: Some(Box::new(target)),
+            name: format!("Process-{ident}"),
+            ident,
+            daemon: false,
+            child: None,
+        }
+    }
+
+    /// Sets the process's name (shown by [`current_process`] in the child,
+    /// and, cut to 15 bytes, by `ps`).
+    pub fn with_name(mut self, name: impl Into<String>) -> Process {
+        self.name = name.into();
+        self
+    }
+
+    /// Makes the process daemonic: it is sent `SIGTERM` (then `SIGKILL` after
+    /// a grace period) by the at-exit finalizer instead of being waited for,
+    /// and it is killed if the parent process dies, even by `SIGKILL`.
+    pub fn with_daemon(mut self, daemon: bool) -> Process {
+        self.daemon = daemon;
+        self
+    }
+
+    /// Forks the child and runs the target in it.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyStarted`] on a second call; [`Error::Io`] if the fork
+    /// fails.
+    pub fn start(&mut self) -> Result<()> {
+        let Some(target) = self.target.take() else {
+            return Err(Error::AlreadyStarted);
+        };
+        let spec = ChildSpec {
+            ident: self.ident.clone(),
+            name: self.name.clone(),
+            daemon: self.daemon,
+            death_signal: self.daemon.then_some(Sig::SIGKILL),
+            parent: current_process(),
+            parent_pid: sys::getpid().as_raw() as u32,
+            after_fork: AFTER_FORK.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        };
+        match start_child(spec, target) {
+            Ok(child) => {
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn child(&self) -> Result<&Child> {
+        self.child.as_deref().ok_or(Error::NotStarted)
+    }
+
+    /// Waits for the child to exit and returns its exit code.
+    ///
+    /// # Errors
+    /// [`Error::NotStarted`] before [`start`](Process::start); [`Error::Io`]
+    /// if waiting fails (`ECHILD` if something else reaped the child).
+    pub fn join(&self) -> Result<i32> {
+        let child = self.child()?;
+        let code = child
+            .popen
+            .wait(None)?
+            .expect("a wait without a deadline returns an exit code");
+        forget_child(child.popen.pid());
+        Ok(code)
+    }
+
+    /// Waits at most `timeout` for the child to exit: `Ok(None)` if it is
+    /// still running.
+    ///
+    /// # Errors
+    /// As [`join`](Process::join).
+    pub fn join_timeout(&self, timeout: Duration) -> Result<Option<i32>> {
+        let child = self.child()?;
+        let code = child.popen.wait(Some(timeout))?;
+        if code.is_some() {
+            forget_child(child.popen.pid());
+        }
+        Ok(code)
+    }
+
+    /// Whether the child has been started and has not exited yet.
+    pub fn is_alive(&self) -> bool {
+        self.child
+            .as_ref()
+            .is_some_and(|c| matches!(c.popen.poll(), Ok(None)))
+    }
+
+    /// The exit code: `None` before start and while running; `n` for an exit
+    /// status, `-s` for death by signal `s`.
+    pub fn exitcode(&self) -> Option<i32> {
+        self.child
+            .as_ref()
+            .and_then(|c| c.popen.poll().ok().flatten())
+    }
+
+    /// Sends `SIGTERM` to the child (nothing if it has already been reaped).
+    ///
+    /// # Errors
+    /// [`Error::NotStarted`] before [`start`](Process::start); [`Error::Io`]
+    /// if `kill(2)` fails.
+    pub fn terminate(&self) -> Result<()> {
+        self.child()?.popen.terminate()
+    }
+
+    /// Sends `SIGKILL` to the child (nothing if it has already been reaped).
+    ///
+    /// # Errors
+    /// As [`terminate`](Process::terminate).
+    pub fn kill(&self) -> Result<()> {
+        self.child()?.popen.kill()
+    }
+
+    /// The child's pid, once started.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.popen.pid())
+    }
+
+    /// The process's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the process is daemonic.
+    pub fn daemon(&self) -> bool {
+        self.daemon
+    }
+
+    /// An fd that polls readable once the child has exited (its pidfd, or a
+    /// sentinel pipe on old kernels), for `poll`/epoll, mio or tokio's
+    /// `AsyncFd`, or [`wait`](crate::wait). `None` before start.
+    pub fn sentinel(&self) -> Option<BorrowedFd<'_>> {
+        self.child.as_ref().map(|c| c.popen.sentinel())
+    }
+
+    /// The [`Popen`] under this process, once started.
+    pub fn popen(&self) -> Option<&Popen> {
+        self.child.as_ref().map(|c| &c.popen)
+    }
+}
+
+impl fmt::Debug for Process {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Process")
+            .field("name", &self.name)
+            .field("daemon", &self.daemon)
+            .field("pid", &self.pid())
+            .field("exitcode", &self.exitcode())
+            .finish()
+    }
+}
+
+/// Forks the child described by `spec`, on this thread or, for a child that
+/// must die with the process but is started from a thread other than the
+/// main one, on the fork thread (see [`on_fork_thread`]).
+fn start_child(spec: ChildSpec, target: Target) -> Result<Arc<Child>> {
+    if spec.death_signal.is_some() && !sys::is_main_thread() {
+        return on_fork_thread(move || fork_registered(spec, target));
+    }
+    fork_registered(spec, target)
+}
+
+/// The `fork_registered` half that runs on the forking thread.
+fn fork_registered(spec: ChildSpec, target: Target) -> Result<Arc<Child>> {
+    crate::finalize::ensure_registered();
+    unwind::install_hook();
+    warn_if_threaded();
+    reap_finished();
+    let info = ProcessInfo {
+        name: spec.name.clone(),
+        pid: 0,
+        daemon: spec.daemon,
+    };
+    // Held across the fork: no other thread can hold it at that instant, so
+    // the child's copy is owned by the forking thread and the bootstrap can
+    // release it. In the parent the closure (and the guard) is dropped right
+    // after the fork.
+    let guard = registry();
+    let popen = Popen::fork_raw(move || bootstrap(guard, spec, target))?;
+    let child = Arc::new(Child {
+        info: ProcessInfo {
+            pid: popen.pid(),
+            ..info
+        },
+        popen,
+    });
+    registry().push(Arc::clone(&child));
+    Ok(child)
+}
+
+/// The child's life, from the fork to the exit code: reset the registry and
+/// counters, become `current_process()`, arrange to die with the parent if
+/// asked, stdin from /dev/null, the after-fork hooks, the target under
+/// `catch_unwind`, then finalize our own children.
+fn bootstrap(
+    mut registry: MutexGuard<'static, Vec<Arc<Child>>>,
+    spec: ChildSpec,
+    target: Target,
+) -> i32 {
+    registry.clear();
+    drop(registry);
+    COUNTER.store(1, Ordering::Relaxed);
+    let me = sys::getpid().as_raw() as u32;
+    if let Some(sig) = spec.death_signal {
+        if sys::set_parent_death_signal(sig).is_err() {
+            return 71;
+        }
+        // The parent may have died before prctl ran: then no signal comes.
+        if sys::getppid().as_raw() as u32 != spec.parent_pid {
+            let _ = sys::send_signal(sys::getpid(), sig);
+            return 1;
+        }
+    }
+    sys::set_os_name(&spec.name);
+    set_identity(Identity {
+        ident: spec.ident,
+        info: ProcessInfo {
+            name: spec.name,
+            pid: me,
+            daemon: spec.daemon,
+        },
+        parent: spec.parent,
+    });
+    let _ = sys::stdin_from_dev_null();
+    let code = match unwind::catch(move || {
+        for hook in spec.after_fork {
+            hook();
+        }
+        target()
+    }) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    };
+    crate::finalize::shutdown();
+    code
+}
+
+static MULTI_THREAD_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Warns once, through `log`, when a fork happens in a multi-threaded parent.
+fn warn_if_threaded() {
+    if MULTI_THREAD_WARNED.load(Ordering::Relaxed) {
+        return;
+    }
+    let ours =
+        usize::from(FORK_THREAD_PID.load(Ordering::Relaxed) == sys::getpid().as_raw() as u32);
+    if let Ok(n) = sys::thread_count() {
+        if n > 1 + ours && !MULTI_THREAD_WARNED.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "multiproc: forking a process with {} threads; only the forking thread \
+                 exists in the child, and locks held by the others stay locked there \
+                 (see the \"Fork safety\" section of the multiproc docs)",
+                n - ours
+            );
+        }
+    }
+}
+
+type ForkJob = Box<dyn FnOnce() + Send + 'static>;
+
+/// The fork thread's job queue, created on first use.
+static FORK_THREAD: OnceLock<crossbeam_channel::Sender<ForkJob>> = OnceLock::new();
+/// The pid of the process that started the fork thread (0: none yet).
+static FORK_THREAD_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `job` on a thread that lives as long as the process.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends,
+/// not the process. A daemonic child (or pool worker) started from a
+/// short-lived thread — a test, a thread-pool task, a lazy static's
+/// initializer — would be killed as soon as that thread returned. So such
+/// children are forked from this one long-lived thread instead; children
+/// started from the main thread are forked right there.
+pub(crate) fn on_fork_thread<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) -> R {
+    let pid = sys::getpid().as_raw() as u32;
+    if FORK_THREAD_PID.load(Ordering::Acquire) != pid {
+        // Inherited from a parent: the thread does not exist in this process.
+        // Only a forked child can get here, and its only thread is its main
+        // thread, which does not delegate; run the job in place.
+        if FORK_THREAD.get().is_some() {
+            return job();
+        }
+    }
+    let tx = FORK_THREAD.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::unbounded::<ForkJob>();
+        FORK_THREAD_PID.store(pid, Ordering::Release);
+        std::thread::Builder::new()
+            .name("multiproc-fork".into())
+            .stack_size(8 << 20)
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .expect("cannot start the multiproc fork thread");
+        tx
+    });
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    tx.send(Box::new(move || {
+        let _ = done_tx.send(job());
+    }))
+    .expect("the multiproc fork thread never exits");
+    done_rx
+        .recv()
+        .expect("the multiproc fork thread answers every job")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_numbered() {
+        let a = Process::new(|| {});
+        let b = Process::new(|| {});
+        let na: usize = a.name().strip_prefix("Process-").unwrap().parse().unwrap();
+        let nb: usize = b.name().strip_prefix("Process-").unwrap().parse().unwrap();
+        assert!(nb > na);
+        assert!(!a.daemon());
+        assert_eq!(a.pid(), None);
+        assert!(matches!(a.join(), Err(Error::NotStarted)));
+    }
+}

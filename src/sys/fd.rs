@@ -1,0 +1,211 @@
+//! File descriptors: pipes, socket pairs, pidfds, `poll` with deadlines.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
+use nix::unistd::Pid;
+
+/// `pipe2(O_CLOEXEC)`: `(read end, write end)`.
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// A connected `AF_UNIX` stream socket pair with `SOCK_CLOEXEC`, each end
+/// asked for `buffer` bytes of send and receive buffer (the kernel caps it
+/// at `wmem_max`/`rmem_max`; a failure to enlarge is ignored).
+pub(crate) fn socket_pair(buffer: usize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (a, b) = socket::socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    if buffer > 0 {
+        for fd in [&a, &b] {
+            let _ = socket::setsockopt(fd, socket::sockopt::SndBuf, &buffer);
+            let _ = socket::setsockopt(fd, socket::sockopt::RcvBuf, &buffer);
+        }
+    }
+    Ok((a, b))
+}
+
+/// `read(2)`, retried on `EINTR`. `Ok(0)` is end of file.
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match nix::unistd::read(fd, buf) {
+            Ok(n) => return Ok(n),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Writes all of `buf`, retrying on `EINTR` and short writes.
+pub(crate) fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match nix::unistd::write(fd, buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `buf` to fd 2 with raw `write(2)` calls: no lock, no allocation.
+/// Used for the child's panic line, which must not wait on std's stderr
+/// lock (another parent thread may have held it at fork time).
+pub(crate) fn write_stderr_raw(buf: &[u8]) {
+    let _ = write_all(io::stderr().as_fd(), buf);
+}
+
+/// `close(fd)` for a raw fd inherited across `fork` that nothing owns in the
+/// child (the owner lives in the parent's copy of the memory).
+pub(crate) fn close_raw(fd: RawFd) {
+    let _ = nix::unistd::close(fd);
+}
+
+/// Points fd 0 at `/dev/null`.
+pub(crate) fn stdin_from_dev_null() -> io::Result<()> {
+    let null = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    nix::unistd::dup2_stdin(&null)?;
+    Ok(())
+}
+
+/// Points fd 1 or 2 at `fd` (`dup2`, which clears `O_CLOEXEC` on the copy).
+#[allow(dead_code)] // for the pool, supervisor and daemon layers
+pub(crate) fn redirect_stdio(target: i32, fd: BorrowedFd<'_>) -> io::Result<()> {
+    match target {
+        0 => nix::unistd::dup2_stdin(fd)?,
+        1 => nix::unistd::dup2_stdout(fd)?,
+        2 => nix::unistd::dup2_stderr(fd)?,
+        _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+    }
+    Ok(())
+}
+
+const PIDFD_UNKNOWN: u8 = 0;
+const PIDFD_YES: u8 = 1;
+const PIDFD_NO: u8 = 2;
+/// Whether `pidfd_open(2)` works here, probed once (tokio and std cache the
+/// `ENOSYS` the same way).
+static PIDFD: AtomicU8 = AtomicU8::new(PIDFD_UNKNOWN);
+
+fn raw_pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and a flags word and returns a new fd or
+    // -1; it touches no memory of ours.
+    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative return of pidfd_open is a new fd that nothing
+    // else owns (it is opened with O_CLOEXEC by the kernel).
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+}
+
+/// Whether pidfds can be used (`pidfd_open(2)`, Linux 5.3+). Probed once.
+pub(crate) fn pidfd_supported() -> bool {
+    match PIDFD.load(Ordering::Relaxed) {
+        PIDFD_YES => true,
+        PIDFD_NO => false,
+        _ => {
+            let ok = raw_pidfd_open(nix::unistd::getpid()).is_ok();
+            PIDFD.store(if ok { PIDFD_YES } else { PIDFD_NO }, Ordering::Relaxed);
+            ok
+        }
+    }
+}
+
+/// `pidfd_open(pid)`: an fd that polls readable once `pid` has exited.
+/// The pid must be an unreaped child of ours, so it cannot have been recycled.
+pub(crate) fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    raw_pidfd_open(pid)
+}
+
+/// Waits until at least one of `fds` is readable (data, end of file, hang-up
+/// or error all count), or until `timeout` passes (`None`: no limit).
+/// Returns the indices of the ready fds, empty on timeout. Retries on `EINTR`
+/// with the time that remains.
+pub(crate) fn poll_readable(
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<Duration>,
+) -> io::Result<Vec<usize>> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut pollfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    loop {
+        let wait = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => timeout_ms(d.saturating_duration_since(Instant::now())),
+        };
+        match nix::poll::poll(&mut pollfds, wait) {
+            Ok(0) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(Vec::new());
+                }
+            }
+            Ok(_) => {
+                return Ok(pollfds
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.revents().is_some_and(|r| !r.is_empty()))
+                    .map(|(i, _)| i)
+                    .collect());
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A poll timeout in whole milliseconds, rounded up so that a deadline is
+/// never reported early.
+fn timeout_ms(d: Duration) -> PollTimeout {
+    let ms = d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+}
+
+/// The raw number of an fd, for logs and for [`close_raw`] in a child.
+pub(crate) fn raw(fd: &impl AsRawFd) -> RawFd {
+    fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_times_out_and_sees_eof() {
+        let (r, w) = pipe().unwrap();
+        let t0 = Instant::now();
+        assert!(poll_readable(&[r.as_fd()], Some(Duration::from_millis(30)))
+            .unwrap()
+            .is_empty());
+        assert!(t0.elapsed() >= Duration::from_millis(30));
+        drop(w);
+        assert_eq!(
+            poll_readable(&[r.as_fd()], Some(Duration::from_secs(5))).unwrap(),
+            vec![0]
+        );
+    }
+
+    #[test]
+    fn timeout_rounds_up() {
+        assert_eq!(i32::from(timeout_ms(Duration::from_micros(1))), 1);
+        assert_eq!(i32::from(timeout_ms(Duration::ZERO)), 0);
+    }
+}

@@ -1,0 +1,93 @@
+//! Signals and `prctl`.
+
+use std::io;
+
+use nix::sys::signal::{self, SigHandler, Signal};
+use nix::unistd::Pid;
+
+pub(crate) use nix::sys::signal::Signal as Sig;
+
+/// `kill(pid, sig)`.
+pub(crate) fn send_signal(pid: Pid, sig: Signal) -> io::Result<()> {
+    signal::kill(pid, sig).map_err(io::Error::from)
+}
+
+/// `kill(pid, 0)`: whether a process with this pid exists (zombies included).
+#[allow(dead_code)] // for the pool, supervisor and daemon layers
+pub(crate) fn pid_exists(pid: Pid) -> bool {
+    !matches!(signal::kill(pid, None), Err(nix::errno::Errno::ESRCH))
+}
+
+/// `prctl(PR_SET_PDEATHSIG, sig)`: the calling process gets `sig` when the
+/// *thread* that forked it ends.
+pub(crate) fn set_parent_death_signal(sig: Signal) -> io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(sig).map_err(io::Error::from)
+}
+
+/// `prctl(PR_SET_NAME)`: the name `ps` and `/proc/<pid>/comm` show, cut to
+/// 15 bytes (at a UTF-8 boundary). Builds the C string on the stack: no
+/// allocation.
+pub(crate) fn set_os_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let mut len = name.len().min(15);
+    while !name.is_char_boundary(len) {
+        len -= 1;
+    }
+    for (dst, &src) in buf.iter_mut().zip(&name.as_bytes()[..len]) {
+        // An interior NUL would end the name early; replace it.
+        *dst = if src == 0 { b'?' } else { src };
+    }
+    if let Ok(cstr) = std::ffi::CStr::from_bytes_until_nul(&buf) {
+        let _ = nix::sys::prctl::set_name(cstr);
+    }
+}
+
+/// Sets the disposition of `sig` to "ignore".
+#[allow(dead_code)] // for the pool, supervisor and daemon layers
+pub(crate) fn ignore_signal(sig: Signal) -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler code, so no async-signal-safety
+    // requirement applies.
+    unsafe { signal::signal(sig, SigHandler::SigIgn) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+/// Sets the disposition of `sig` back to the default action.
+#[allow(dead_code)] // for the pool, supervisor and daemon layers
+pub(crate) fn default_signal(sig: Signal) -> io::Result<()> {
+    // SAFETY: SIG_DFL installs no handler code.
+    unsafe { signal::signal(sig, SigHandler::SigDfl) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+/// Installs `handler` for `sig` with `SA_RESTART`.
+///
+/// The handler must be async-signal-safe: it may only touch atomics and call
+/// async-signal-safe functions such as `write(2)`. Every caller in this crate
+/// passes a handler that stores to an atomic or writes one byte to a pipe.
+#[allow(dead_code)] // for the pool, supervisor and daemon layers
+pub(crate) fn install_handler(sig: Signal, handler: extern "C" fn(i32)) -> io::Result<()> {
+    let action = signal::SigAction::new(
+        SigHandler::Handler(handler),
+        signal::SaFlags::SA_RESTART,
+        signal::SigSet::empty(),
+    );
+    // SAFETY: the contract above: every handler passed here is
+    // async-signal-safe (atomics and `write(2)` only).
+    unsafe { signal::sigaction(sig, &action) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+/// Unblocks every signal in the calling thread (a forked child inherits the
+/// mask of the thread that forked it).
+#[allow(dead_code)] // for the pool, supervisor and daemon layers
+pub(crate) fn unblock_all_signals() -> io::Result<()> {
+    signal::sigprocmask(
+        signal::SigmaskHow::SIG_SETMASK,
+        Some(&signal::SigSet::empty()),
+        None,
+    )
+    .map_err(io::Error::from)
+}
