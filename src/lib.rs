@@ -107,11 +107,14 @@
 
 mod codec;
 mod connection;
+mod daemon;
 mod error;
 mod finalize;
+mod pool;
 mod popen;
 mod process;
 mod spawn;
+mod supervisor;
 mod sys;
 mod unwind;
 
@@ -125,3 +128,9 @@ pub use process::{
     ProcessInfo,
 };
 pub use spawn::{spawn, JoinHandle};
+
+// Re-exports of the pool layer (issue 3).
+
+// Re-exports of the supervisor layer (issue 4).
+
+// Re-exports of the daemon layer (issue 4).

@@ -10,15 +10,24 @@
 //! [`OwnedFd`]: std::os::fd::OwnedFd
 #![allow(unsafe_code)]
 
+mod daemon;
 mod fd;
 mod fork;
+mod pool;
 mod proc;
+mod server;
 mod signal;
 mod wait;
 
+#[allow(unused_imports)]
+pub(crate) use daemon::*;
 pub(crate) use fd::*;
 pub(crate) use fork::*;
+#[allow(unused_imports)]
+pub(crate) use pool::*;
 pub(crate) use proc::*;
+#[allow(unused_imports)]
+pub(crate) use server::*;
 pub(crate) use signal::*;
 pub(crate) use wait::*;
 

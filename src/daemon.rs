@@ -1,0 +1,1 @@
+//! `Daemon` (issue 4): detach into the background.

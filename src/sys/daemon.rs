@@ -1,0 +1,1 @@
+//! System calls used only by the daemon layer.
