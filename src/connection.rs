@@ -23,9 +23,17 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// Creates a connected pair of [`Connection`]s: both ends of one Unix stream
 /// socket pair, each able to send and receive.
 ///
-/// Create the pair *before* forking and move one end into the child; the
-/// parent's copy of that end is closed when the child's closure is dropped
-/// in the parent (right after the fork), so each side sees the other hang up.
+/// Create the pair *before* forking and move one end into the child's
+/// closure: the parent's copy of that end is closed when the closure is
+/// dropped in the parent (right after the fork), so the parent sees end of
+/// file once the child exits or drops its end.
+///
+/// The other way round is different, as in Python: a forked child inherits
+/// a copy of *every* fd of the parent, the parent's end of the pair
+/// included, and nothing in the child can name that copy to close it. So a
+/// child does not see end of file when the parent drops its end; end a
+/// conversation with an explicit message (an `Option::None`, an enum
+/// variant) rather than with a hang-up.
 ///
 /// ```
 /// let (mut parent, mut child) = multiproc::pipe()?;

@@ -134,3 +134,8 @@ pub use spawn::{spawn, JoinHandle};
 // Re-exports of the supervisor layer (issue 4).
 
 // Re-exports of the daemon layer (issue 4).
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

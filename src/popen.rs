@@ -136,18 +136,23 @@ impl Popen {
     /// As [`poll`](Popen::poll).
     pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<i32>> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        if let Some(code) = self.returncode() {
+            return Ok(Some(code));
+        }
         loop {
-            if let Some(code) = self.poll()? {
-                return Ok(Some(code));
-            }
+            // Sleep on the sentinel first (it is readable at once if the
+            // child already exited), then reap: one `poll` and one `waitpid`.
             let mut left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if left == Some(Duration::ZERO) {
-                return Ok(None);
-            }
             if !self.pidfd {
                 left = Some(left.map_or(PIPE_SENTINEL_SLICE, |l| l.min(PIPE_SENTINEL_SLICE)));
             }
             sys::poll_readable(&[self.sentinel.as_fd()], left)?;
+            if let Some(code) = self.poll()? {
+                return Ok(Some(code));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
         }
     }
 

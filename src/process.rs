@@ -2,9 +2,9 @@
 
 use std::fmt;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::popen::Popen;
@@ -395,6 +395,7 @@ fn fork_registered(spec: ChildSpec, target: Target) -> Result<Arc<Child>> {
     crate::finalize::ensure_registered();
     unwind::install_hook();
     warn_if_threaded();
+    sys::prepare_dev_null()?;
     reap_finished();
     let info = ProcessInfo {
         name: spec.name.clone(),
@@ -466,12 +467,24 @@ fn bootstrap(
 }
 
 static MULTI_THREAD_WARNED: AtomicBool = AtomicBool::new(false);
+/// When the thread count was last read, in ms since `CHECK_EPOCH`.
+static LAST_THREAD_CHECK_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+static CHECK_EPOCH: OnceLock<Instant> = OnceLock::new();
+/// Reading `/proc/self/task` costs five system calls: do it on the first
+/// fork and then at most this often.
+const THREAD_CHECK_INTERVAL_MS: u64 = 250;
 
 /// Warns once, through `log`, when a fork happens in a multi-threaded parent.
 fn warn_if_threaded() {
     if MULTI_THREAD_WARNED.load(Ordering::Relaxed) {
         return;
     }
+    let now = CHECK_EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64;
+    let last = LAST_THREAD_CHECK_MS.load(Ordering::Relaxed);
+    if last != u64::MAX && now.saturating_sub(last) < THREAD_CHECK_INTERVAL_MS {
+        return;
+    }
+    LAST_THREAD_CHECK_MS.store(now, Ordering::Relaxed);
     let ours =
         usize::from(FORK_THREAD_PID.load(Ordering::Relaxed) == sys::getpid().as_raw() as u32);
     if let Ok(n) = sys::thread_count() {

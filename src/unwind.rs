@@ -8,9 +8,8 @@
 //! writes one line instead: the process name, pid, location and message.
 
 use std::any::Any;
-use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 
 use crate::sys;
 
@@ -30,9 +29,15 @@ impl From<PanicReport> for crate::Error {
     }
 }
 
-thread_local! {
-    /// Location of the last panic on this thread, recorded by the hook.
-    static LAST_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+/// Location of the last panic on the main thread of a forked child, written
+/// by the hook. Only that one thread ever locks it (the hook records nothing
+/// for other threads), so no other thread can hold it at a fork. A static
+/// rather than a thread-local: a thread-local with a destructor would be
+/// registered (and a page written) in every child, panic or not.
+static LAST_LOCATION: Mutex<Option<String>> = Mutex::new(None);
+
+fn last_location() -> std::sync::MutexGuard<'static, Option<String>> {
+    LAST_LOCATION.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 static HOOK: Once = Once::new();
@@ -56,7 +61,7 @@ pub(crate) fn install_hook() {
                 message
             );
             sys::write_stderr_raw(line.as_bytes());
-            LAST_LOCATION.with(|l| *l.borrow_mut() = location);
+            *last_location() = location;
         }));
     });
 }
@@ -74,14 +79,14 @@ pub(crate) fn payload_message(payload: &(dyn Any + Send)) -> String {
 
 /// Runs `f`, catching a panic as a [`PanicReport`].
 pub(crate) fn catch<R>(f: impl FnOnce() -> R) -> Result<R, PanicReport> {
-    LAST_LOCATION.with(|l| l.borrow_mut().take());
     panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
         let message = payload_message(&*payload);
         // Dropping a payload can itself panic; never let that unwind.
         let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(payload)));
         PanicReport {
             message,
-            location: LAST_LOCATION.with(|l| l.borrow_mut().take()),
+            // Set by the hook for this very panic (it runs before unwinding).
+            location: last_location().take(),
         }
     })
 }

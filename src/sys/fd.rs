@@ -73,14 +73,30 @@ pub(crate) fn close_raw(fd: RawFd) {
     let _ = nix::unistd::close(fd);
 }
 
-/// Points fd 0 at `/dev/null`.
+/// A read-only `/dev/null` opened once (in the parent, before the first
+/// fork), so that a child only needs one `dup2` to point stdin at it.
+static DEV_NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+/// Opens the shared `/dev/null` if it is not open yet. Call before forking:
+/// the child then finds it without taking the `OnceLock`'s init path.
+pub(crate) fn prepare_dev_null() -> io::Result<()> {
+    if DEV_NULL.get().is_none() {
+        let null = nix::fcntl::open(
+            "/dev/null",
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let _ = DEV_NULL.set(null);
+    }
+    Ok(())
+}
+
+/// Points fd 0 at `/dev/null` (one `dup2` when [`prepare_dev_null`] ran).
 pub(crate) fn stdin_from_dev_null() -> io::Result<()> {
-    let null = nix::fcntl::open(
-        "/dev/null",
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    nix::unistd::dup2_stdin(&null)?;
+    prepare_dev_null()?;
+    if let Some(null) = DEV_NULL.get() {
+        nix::unistd::dup2_stdin(null)?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,347 @@
+//! `Process`: exit codes, timeouts, names, the child bootstrap.
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use common::{Reaped, DEADLINE};
+use multiproc::{pipe, Error, Process};
+
+fn run(target: impl FnOnce() + Send + 'static) -> i32 {
+    let mut p = Process::new(target);
+    p.start().unwrap();
+    let p = Reaped(p);
+    p.join_timeout(DEADLINE)
+        .unwrap()
+        .expect("child did not exit in time")
+}
+
+#[test]
+fn exit_code_zero_when_target_returns() {
+    assert_eq!(run(|| {}), 0);
+}
+
+#[test]
+fn exit_code_n_from_exit() {
+    assert_eq!(run(|| multiproc::exit(42)), 42);
+}
+
+#[test]
+fn exit_code_one_on_panic() {
+    assert_eq!(run(|| panic!("deliberate")), 1);
+}
+
+#[test]
+fn terminate_gives_minus_15_and_kill_minus_9() {
+    for (kill, code) in [(false, -15), (true, -9)] {
+        let (mut ready_tx, mut ready_rx) = pipe().unwrap();
+        let mut p = Process::new(move || {
+            ready_tx.send(&()).unwrap();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        p.start().unwrap();
+        let p = Reaped(p);
+        ready_rx
+            .recv_timeout::<()>(DEADLINE)
+            .unwrap()
+            .expect("child never got ready");
+        assert!(p.is_alive());
+        assert_eq!(p.exitcode(), None);
+        if kill {
+            p.kill().unwrap();
+        } else {
+            p.terminate().unwrap();
+        }
+        assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(code));
+        assert_eq!(p.exitcode(), Some(code));
+        assert!(!p.is_alive());
+        // Signalling a reaped child is a no-op.
+        p.terminate().unwrap();
+    }
+}
+
+#[test]
+fn join_timeout_on_a_live_child() {
+    let (tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        // Lives until the parent says so.
+        let mut rx_child = tx;
+        let _ = rx_child.recv::<()>();
+    });
+    p.start().unwrap();
+    let p = Reaped(p);
+    let t0 = Instant::now();
+    assert_eq!(p.join_timeout(Duration::from_millis(100)).unwrap(), None);
+    assert!(t0.elapsed() >= Duration::from_millis(100));
+    assert!(p.is_alive());
+    rx.send(&()).unwrap();
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
+
+#[test]
+fn already_started_and_not_started() {
+    let mut p = Process::new(|| {});
+    assert!(matches!(p.join(), Err(Error::NotStarted)));
+    assert!(matches!(
+        p.join_timeout(Duration::ZERO),
+        Err(Error::NotStarted)
+    ));
+    assert!(matches!(p.terminate(), Err(Error::NotStarted)));
+    assert!(matches!(p.kill(), Err(Error::NotStarted)));
+    assert!(!p.is_alive());
+    assert_eq!(p.exitcode(), None);
+    assert!(p.sentinel().is_none());
+    p.start().unwrap();
+    let mut p = Reaped(p);
+    assert!(matches!(p.0.start(), Err(Error::AlreadyStarted)));
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct Seen {
+    name: String,
+    pid: u32,
+    daemon: bool,
+    parent_name: Option<String>,
+    parent_pid: Option<u32>,
+    nested_name: String,
+    comm: String,
+}
+
+#[test]
+fn name_and_parent_seen_from_inside() {
+    let (mut tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        let me = multiproc::current_process();
+        let parent = multiproc::parent_process();
+        let nested = Process::new(|| {});
+        tx.send(&Seen {
+            name: me.name().to_string(),
+            pid: me.pid(),
+            daemon: me.daemon(),
+            parent_name: parent.as_ref().map(|p| p.name().to_string()),
+            parent_pid: parent.as_ref().map(|p| p.pid()),
+            nested_name: nested.name().to_string(),
+            comm: std::fs::read_to_string("/proc/self/comm").unwrap_or_default(),
+        })
+        .unwrap();
+    })
+    .with_name("a-rather-long-worker-name")
+    .with_daemon(true);
+    p.start().unwrap();
+    let p = Reaped(p);
+    let seen: Seen = rx.recv_timeout(DEADLINE).unwrap().expect("no report");
+    assert_eq!(seen.name, "a-rather-long-worker-name");
+    assert_eq!(Some(seen.pid), p.pid());
+    assert!(seen.daemon);
+    assert_eq!(seen.parent_name.as_deref(), Some("MainProcess"));
+    assert_eq!(seen.parent_pid, Some(std::process::id()));
+    // The OS-visible name is cut to 15 bytes.
+    assert_eq!(seen.comm.trim_end(), "a-rather-long-w");
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+    assert!(p.daemon());
+    assert_eq!(multiproc::current_process().name(), "MainProcess");
+    assert!(multiproc::parent_process().is_none());
+    // Nested default names: "<parent ident>:1", and the child's counter
+    // starts again at 1. The parent here is a named process whose own
+    // identity is "Process-N" style internally.
+    assert!(
+        seen.nested_name.starts_with("Process-") && seen.nested_name.ends_with(":1"),
+        "{}",
+        seen.nested_name
+    );
+}
+
+#[test]
+fn nested_default_names() {
+    let (mut tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        let mut inner = Process::new(|| {});
+        let first = inner.name().to_string();
+        inner.start().unwrap();
+        inner.join().unwrap();
+        let second = Process::new(|| {}).name().to_string();
+        tx.send(&(
+            multiproc::current_process().name().to_string(),
+            first,
+            second,
+        ))
+        .unwrap();
+    });
+    p.start().unwrap();
+    let p = Reaped(p);
+    let (me, first, second): (String, String, String) =
+        rx.recv_timeout(DEADLINE).unwrap().expect("no report");
+    assert_eq!(me, p.name());
+    assert_eq!(first, format!("{me}:1"));
+    assert_eq!(second, format!("{me}:2"));
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
+
+#[test]
+fn stdin_is_at_eof_in_the_child() {
+    let (mut tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        let mut buf = Vec::new();
+        let n = std::io::stdin().read_to_end(&mut buf).unwrap();
+        tx.send(&n).unwrap();
+    });
+    p.start().unwrap();
+    let p = Reaped(p);
+    assert_eq!(rx.recv_timeout::<usize>(DEADLINE).unwrap(), Some(0));
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
+
+/// Writes the pid of whoever drops it to a pipe.
+struct DropReporter(std::os::fd::OwnedFd);
+
+impl Drop for DropReporter {
+    fn drop(&mut self) {
+        let line = format!("{}\n", std::process::id());
+        let _ = nix::unistd::write(self.0.as_fd(), line.as_bytes());
+    }
+}
+
+#[test]
+fn parent_stack_guard_never_dropped_in_child() {
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let child_pid;
+    {
+        let _guard = DropReporter(w);
+        let mut p = Process::new(|| {});
+        p.start().unwrap();
+        let p = Reaped(p);
+        child_pid = p.pid().unwrap();
+        assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+        let mut p = Process::new(|| panic!("unwinds, but not into our stack"));
+        p.start().unwrap();
+        let p = Reaped(p);
+        assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(1));
+    }
+    let mut out = String::new();
+    std::fs::File::from(r).read_to_string(&mut out).unwrap();
+    assert_eq!(out, format!("{}\n", std::process::id()));
+    assert_ne!(child_pid, std::process::id());
+}
+
+#[test]
+fn active_children_lists_live_children_and_reaps() {
+    let (tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        let mut tx = tx;
+        let _ = tx.recv::<()>();
+    })
+    .with_name("listed");
+    p.start().unwrap();
+    let p = Reaped(p);
+    let pid = p.pid().unwrap();
+    let listed = multiproc::active_children();
+    let me = listed
+        .iter()
+        .find(|c| c.pid() == pid)
+        .expect("live child listed");
+    assert_eq!(me.name(), "listed");
+    rx.send(&()).unwrap();
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+    assert!(multiproc::active_children().iter().all(|c| c.pid() != pid));
+}
+
+#[test]
+fn dropped_handle_is_reaped_by_active_children() {
+    let (mut tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || tx.send(&multiproc::current_process().pid()).unwrap());
+    p.start().unwrap();
+    drop(p);
+    let pid: u32 = rx.recv_timeout(DEADLINE).unwrap().expect("child ran");
+    // The child exits right after sending; it is reaped (not a zombie) and
+    // left out once it is gone.
+    assert!(common::eventually(DEADLINE, || {
+        multiproc::active_children().iter().all(|c| c.pid() != pid)
+    }));
+    assert!(common::is_dead(pid) && !common::zombies_of(std::process::id()).contains(&pid));
+}
+
+#[test]
+fn after_fork_hooks_run_in_order_before_the_target() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static TRACE: AtomicUsize = AtomicUsize::new(0);
+    fn first() {
+        TRACE.store(TRACE.load(Ordering::Relaxed) * 10 + 1, Ordering::Relaxed);
+    }
+    fn second() {
+        TRACE.store(TRACE.load(Ordering::Relaxed) * 10 + 2, Ordering::Relaxed);
+    }
+    multiproc::register_after_fork(first);
+    multiproc::register_after_fork(second);
+    let (mut tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || tx.send(&TRACE.load(Ordering::Relaxed)).unwrap());
+    p.start().unwrap();
+    let p = Reaped(p);
+    // Other tests' hooks do not exist: this test binary registers only these.
+    assert_eq!(rx.recv_timeout::<usize>(DEADLINE).unwrap(), Some(12));
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+    assert_eq!(TRACE.load(Ordering::Relaxed), 0, "hooks ran in the parent");
+}
+
+#[test]
+fn sentinel_and_wait() {
+    let (tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        let mut tx = tx;
+        let _ = tx.recv::<()>();
+    });
+    p.start().unwrap();
+    let p = Reaped(p);
+    let sentinel = p.sentinel().unwrap();
+    assert!(
+        multiproc::wait(&[sentinel], Some(Duration::from_millis(50)))
+            .unwrap()
+            .is_empty()
+    );
+    rx.send(&()).unwrap();
+    let (idle, _idle_peer) = pipe().unwrap();
+    assert_eq!(
+        multiproc::wait(&[idle.as_fd(), sentinel], Some(DEADLINE)).unwrap(),
+        vec![1]
+    );
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
+
+#[test]
+fn panic_line_names_the_process() {
+    // The child's stderr goes to a file: one line, naming process and message.
+    let path = std::env::temp_dir().join(format!("multiproc-panic-{}", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    let mut p = Process::new(move || {
+        nix::unistd::dup2_stderr(&file).unwrap();
+        panic!("the message");
+    })
+    .with_name("panicker");
+    p.start().unwrap();
+    let p = Reaped(p);
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(1));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let pid = p.pid().unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "process 'panicker' (pid {pid}) panicked at tests/process.rs:"
+        )),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with(": the message"), "{text}");
+}
+
+#[test]
+fn process_is_send() {
+    fn send<T: Send>() {}
+    send::<Process>();
+    send::<multiproc::JoinHandle<u64>>();
+    send::<multiproc::Connection>();
+    send::<multiproc::Popen>();
+}
