@@ -501,8 +501,13 @@ fn warn_if_threaded() {
 
 type ForkJob = Box<dyn FnOnce() + Send + 'static>;
 
-/// The fork thread's job queue, created on first use.
-static FORK_THREAD: OnceLock<crossbeam_channel::Sender<ForkJob>> = OnceLock::new();
+/// The fork thread of this process: its pid (a forked child inherits the
+/// value but not the thread, and must start its own) and its job queue.
+/// Lock-free to read, so a child can look at it safely.
+static FORK_THREAD: sys::LeakedCell<(u32, crossbeam_channel::Sender<ForkJob>)> =
+    sys::LeakedCell::new();
+/// Serializes the creation of the fork thread.
+static FORK_THREAD_INIT: Mutex<()> = Mutex::new(());
 /// The pid of the process that started the fork thread (0: none yet).
 static FORK_THREAD_PID: AtomicU32 = AtomicU32::new(0);
 
@@ -516,33 +521,41 @@ static FORK_THREAD_PID: AtomicU32 = AtomicU32::new(0);
 /// started from the main thread are forked right there.
 pub(crate) fn on_fork_thread<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) -> R {
     let pid = sys::getpid().as_raw() as u32;
-    if FORK_THREAD_PID.load(Ordering::Acquire) != pid {
-        // Inherited from a parent: the thread does not exist in this process.
-        // Only a forked child can get here, and its only thread is its main
-        // thread, which does not delegate; run the job in place.
-        if FORK_THREAD.get().is_some() {
-            return job();
-        }
-    }
-    let tx = FORK_THREAD.get_or_init(|| {
-        let (tx, rx) = crossbeam_channel::unbounded::<ForkJob>();
-        FORK_THREAD_PID.store(pid, Ordering::Release);
-        std::thread::Builder::new()
-            .name("multiproc-fork".into())
-            .stack_size(8 << 20)
-            .spawn(move || {
-                for job in rx {
-                    job();
+    let tx = match FORK_THREAD.get() {
+        Some((owner, tx)) if *owner == pid => tx,
+        _ => {
+            // A child whose parent was mid-creation at the fork inherits this
+            // lock locked: fall back to forking in place rather than hang.
+            let Ok(_init) = FORK_THREAD_INIT.try_lock() else {
+                return job();
+            };
+            match FORK_THREAD.get() {
+                Some((owner, tx)) if *owner == pid => tx,
+                _ => {
+                    let (tx, rx) = crossbeam_channel::unbounded::<ForkJob>();
+                    let started = std::thread::Builder::new()
+                        .name("multiproc-fork".into())
+                        .stack_size(8 << 20)
+                        .spawn(move || {
+                            for job in rx {
+                                job();
+                            }
+                        });
+                    if started.is_err() {
+                        return job();
+                    }
+                    FORK_THREAD_PID.store(pid, Ordering::Release);
+                    FORK_THREAD.set((pid, tx));
+                    &FORK_THREAD.get().expect("just set").1
                 }
-            })
-            .expect("cannot start the multiproc fork thread");
-        tx
-    });
+            }
+        }
+    };
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    tx.send(Box::new(move || {
+    let job: ForkJob = Box::new(move || {
         let _ = done_tx.send(job());
-    }))
-    .expect("the multiproc fork thread never exits");
+    });
+    tx.send(job).expect("the multiproc fork thread never exits");
     done_rx
         .recv()
         .expect("the multiproc fork thread answers every job")

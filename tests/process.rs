@@ -345,3 +345,41 @@ fn process_is_send() {
     send::<multiproc::Connection>();
     send::<multiproc::Popen>();
 }
+
+#[test]
+fn child_starts_a_daemon_from_a_short_lived_thread() {
+    // The child inherits the parent's fork-thread record but not the thread:
+    // it must start its own, or its daemonic grandchild would die with the
+    // short-lived thread that asked for it (PR_SET_PDEATHSIG).
+    let (mut report_tx, mut report_rx) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        let (mut ping, mut pong) = pipe().unwrap();
+        let grandchild = std::thread::spawn(move || {
+            let mut g = Process::new(move || {
+                while let Ok(()) = pong.recv::<()>() {
+                    pong.send(&()).unwrap();
+                }
+            })
+            .with_daemon(true);
+            g.start().unwrap();
+            g
+        })
+        .join()
+        .unwrap();
+        // The thread is gone; the grandchild must still answer.
+        let mut alive = true;
+        for _ in 0..3 {
+            ping.send(&()).unwrap();
+            alive &= matches!(ping.recv_timeout::<()>(DEADLINE), Ok(Some(())));
+        }
+        report_tx.send(&(alive, grandchild.is_alive())).unwrap();
+        // The finalizer terminates the daemonic grandchild on the way out.
+    });
+    p.start().unwrap();
+    let p = Reaped(p);
+    assert_eq!(
+        report_rx.recv_timeout::<(bool, bool)>(DEADLINE).unwrap(),
+        Some((true, true))
+    );
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
