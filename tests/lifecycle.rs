@@ -292,3 +292,43 @@ fn inner_thread_warning() -> Result<()> {
     let _ = t.join();
     Ok(())
 }
+
+// ------------------------------------------------ sentinel-pipe fallback
+
+#[test]
+fn sentinel_pipe_fallback_works_without_pidfd() {
+    let run = run_self(
+        "inner_no_pidfd",
+        &[("MULTIPROC_NO_PIDFD", "1")],
+        Duration::from_secs(60),
+    );
+    assert!(run.status.success(), "{run:?}");
+}
+
+#[test]
+#[ignore = "run by sentinel_pipe_fallback_works_without_pidfd"]
+fn inner_no_pidfd() -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut p = Process::new(|| multiproc::exit(4));
+    p.start()?;
+    // Not a pidfd: /proc/self/fd/N of a pipe reads "pipe:[...]".
+    let fd = p.sentinel().unwrap().as_raw_fd();
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
+    assert!(link.to_string_lossy().starts_with("pipe:"), "{link:?}");
+    assert_eq!(p.join()?, 4);
+
+    let mut slow = Process::new(|| std::thread::sleep(Duration::from_secs(30)));
+    slow.start()?;
+    assert_eq!(slow.join_timeout(Duration::from_millis(50))?, None);
+    slow.kill()?;
+    assert_eq!(slow.join_timeout(DEADLINE)?, Some(-9));
+
+    let big = multiproc::spawn(|| serde_bytes::ByteBuf::from(vec![7u8; 4 << 20]))?.join()?;
+    assert_eq!(big.len(), 4 << 20);
+    let died = multiproc::spawn(|| -> u8 { std::process::abort() })?.join();
+    assert!(
+        matches!(died, Err(multiproc::Error::Died { exitcode: -6, .. })),
+        "{died:?}"
+    );
+    Ok(())
+}

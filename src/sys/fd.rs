@@ -132,12 +132,15 @@ fn raw_pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
 }
 
 /// Whether pidfds can be used (`pidfd_open(2)`, Linux 5.3+). Probed once.
+/// `MULTIPROC_NO_PIDFD=1` in the environment forces the sentinel-pipe
+/// fallback (for tests, and to rule pidfds out when debugging).
 pub(crate) fn pidfd_supported() -> bool {
     match PIDFD.load(Ordering::Relaxed) {
         PIDFD_YES => true,
         PIDFD_NO => false,
         _ => {
-            let ok = raw_pidfd_open(nix::unistd::getpid()).is_ok();
+            let forced_off = std::env::var_os("MULTIPROC_NO_PIDFD").is_some_and(|v| v == "1");
+            let ok = !forced_off && raw_pidfd_open(nix::unistd::getpid()).is_ok();
             PIDFD.store(if ok { PIDFD_YES } else { PIDFD_NO }, Ordering::Relaxed);
             ok
         }
