@@ -34,9 +34,9 @@ pub struct Run {
     pub stderr: String,
 }
 
-/// Re-runs this test binary with only the `#[ignore]`d test `name`, on one
-/// thread, output not captured; kills it if it runs past `deadline`.
-pub fn run_self(name: &str, envs: &[(&str, &str)], deadline: Duration) -> Run {
+/// A command that re-runs this test binary with only the `#[ignore]`d test
+/// `name`, on one thread, output not captured, stdout and stderr piped.
+pub fn self_command(name: &str) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
@@ -49,6 +49,13 @@ pub fn run_self(name: &str, envs: &[(&str, &str)], deadline: Duration) -> Run {
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs [`self_command`]`(name)` to its end; kills it if it runs past
+/// `deadline`.
+pub fn run_self(name: &str, envs: &[(&str, &str)], deadline: Duration) -> Run {
+    let mut cmd = self_command(name);
     for (k, v) in envs {
         cmd.env(k, v);
     }
