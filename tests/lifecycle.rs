@@ -95,17 +95,7 @@ fn inner_at_exit() -> Result<()> {
 /// Runs an inner test that prints `daemon-pid N`, SIGKILLs it once the line
 /// is out, and checks that the daemonic child dies too.
 fn killed_parent_takes_daemon_along(inner: &str) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            inner,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-            "-q",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+    let mut child = common::self_command(inner)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
