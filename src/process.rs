@@ -58,10 +58,6 @@ fn identity() -> Option<&'static Identity> {
     IDENTITY.get()
 }
 
-fn set_identity(id: Identity) {
-    IDENTITY.set(id);
-}
-
 /// The process this code runs in.
 ///
 /// ```
@@ -170,14 +166,14 @@ pub fn register_after_fork(hook: fn()) {
 /// The target of a child, boxed.
 type Target = Box<dyn FnOnce() + Send + 'static>;
 
-/// Everything the bootstrap needs, prepared in the parent.
+/// Everything the bootstrap needs, prepared in the parent: the child
+/// allocates nothing on its way to the target (after a fork, every page it
+/// writes is copied, and the parent waits for that in `join`).
 struct ChildSpec {
-    ident: String,
-    name: String,
-    daemon: bool,
+    /// The child's identity, boxed in the parent, published by the child.
+    identity: Box<Identity>,
     /// Children that must die with this process get `PR_SET_PDEATHSIG`.
     death_signal: Option<Sig>,
-    parent: ProcessInfo,
     parent_pid: u32,
     after_fork: Vec<fn()>,
 }
@@ -258,22 +254,31 @@ impl Process {
         let Some(target) = self.target.take() else {
             return Err(Error::AlreadyStarted);
         };
+        let parent = current_process();
         let spec = ChildSpec {
-            ident: self.ident.clone(),
-            name: self.name.clone(),
-            daemon: self.daemon,
+            identity: Box::new(Identity {
+                ident: self.ident.clone(),
+                info: ProcessInfo {
+                    name: self.name.clone(),
+                    pid: 0,
+                    daemon: self.daemon,
+                },
+                parent,
+            }),
             death_signal: self.daemon.then_some(Sig::SIGKILL),
-            parent: current_process(),
             parent_pid: sys::getpid().as_raw() as u32,
             after_fork: AFTER_FORK.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
-        match start_child(spec, target) {
-            Ok(child) => {
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        let child = if spec.death_signal.is_some() && !sys::is_main_thread() {
+            // A child that must die with the process, asked for from a thread
+            // that may end before it: fork on the fork thread (see
+            // `on_fork_thread`).
+            on_fork_thread(move || fork_registered(spec, target))
+        } else {
+            fork_registered(spec, target)
+        };
+        self.child = Some(child?);
+        Ok(())
     }
 
     fn child(&self) -> Result<&Child> {
@@ -380,28 +385,14 @@ impl fmt::Debug for Process {
     }
 }
 
-/// Forks the child described by `spec`, on this thread or, for a child that
-/// must die with the process but is started from a thread other than the
-/// main one, on the fork thread (see [`on_fork_thread`]).
-fn start_child(spec: ChildSpec, target: Target) -> Result<Arc<Child>> {
-    if spec.death_signal.is_some() && !sys::is_main_thread() {
-        return on_fork_thread(move || fork_registered(spec, target));
-    }
-    fork_registered(spec, target)
-}
-
-/// The `fork_registered` half that runs on the forking thread.
+/// Forks the child described by `spec` on this thread and registers it.
 fn fork_registered(spec: ChildSpec, target: Target) -> Result<Arc<Child>> {
     crate::finalize::ensure_registered();
     unwind::install_hook();
     warn_if_threaded();
     sys::prepare_dev_null()?;
     reap_finished();
-    let info = ProcessInfo {
-        name: spec.name.clone(),
-        pid: 0,
-        daemon: spec.daemon,
-    };
+    let info = spec.identity.info.clone();
     // Held across the fork: no other thread can hold it at that instant, so
     // the child's copy is owned by the forking thread and the bootstrap can
     // release it. In the parent the closure (and the guard) is dropped right
@@ -425,7 +416,7 @@ fn fork_registered(spec: ChildSpec, target: Target) -> Result<Arc<Child>> {
 /// `catch_unwind`, then finalize our own children.
 fn bootstrap(
     mut registry: MutexGuard<'static, Vec<Arc<Child>>>,
-    spec: ChildSpec,
+    mut spec: ChildSpec,
     target: Target,
 ) -> i32 {
     registry.clear();
@@ -442,16 +433,9 @@ fn bootstrap(
             return 1;
         }
     }
-    sys::set_os_name(&spec.name);
-    set_identity(Identity {
-        ident: spec.ident,
-        info: ProcessInfo {
-            name: spec.name,
-            pid: me,
-            daemon: spec.daemon,
-        },
-        parent: spec.parent,
-    });
+    sys::set_os_name(&spec.identity.info.name);
+    spec.identity.info.pid = me;
+    IDENTITY.set_boxed(spec.identity);
     let _ = sys::stdin_from_dev_null();
     let code = match unwind::catch(move || {
         for hook in spec.after_fork {

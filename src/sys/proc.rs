@@ -45,7 +45,13 @@ impl<T: 'static> LeakedCell<T> {
     }
 
     pub(crate) fn set(&self, value: T) {
-        let p: *mut T = Box::leak(Box::new(value));
+        self.set_boxed(Box::new(value));
+    }
+
+    /// Publishes an already boxed value (no allocation: usable right after
+    /// a fork with the box built before it).
+    pub(crate) fn set_boxed(&self, value: Box<T>) {
+        let p: *mut T = Box::leak(value);
         self.0.store(p, std::sync::atomic::Ordering::Release);
     }
 }
