@@ -247,9 +247,14 @@ impl Process {
 
     /// Forks the child and runs the target in it.
     ///
+    /// Also reaps the children of this process that have finished (Python's
+    /// `_cleanup`), so a program that starts processes and drops their
+    /// handles leaves no zombies.
+    ///
     /// # Errors
     /// [`Error::AlreadyStarted`] on a second call; [`Error::Io`] if the fork
-    /// fails.
+    /// fails (`EAGAIN` at the process limit). A failed start consumes the
+    /// target: a later call returns `AlreadyStarted`.
     pub fn start(&mut self) -> Result<()> {
         let Some(target) = self.target.take() else {
             return Err(Error::AlreadyStarted);
@@ -521,6 +526,10 @@ pub(crate) fn on_fork_thread<R: Send + 'static>(job: impl FnOnce() -> R + Send +
                         .name("multiproc-fork".into())
                         .stack_size(8 << 20)
                         .spawn(move || {
+                            // A thread inherits its creator's signal mask;
+                            // children forked here must not start with
+                            // SIGTERM blocked.
+                            let _ = sys::unblock_all_signals();
                             for job in rx {
                                 job();
                             }

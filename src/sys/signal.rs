@@ -82,7 +82,6 @@ pub(crate) fn install_handler(sig: Signal, handler: extern "C" fn(i32)) -> io::R
 
 /// Unblocks every signal in the calling thread (a forked child inherits the
 /// mask of the thread that forked it).
-#[allow(dead_code)] // for the pool, supervisor and daemon layers
 pub(crate) fn unblock_all_signals() -> io::Result<()> {
     signal::sigprocmask(
         signal::SigmaskHow::SIG_SETMASK,
