@@ -567,17 +567,16 @@ impl Dispatcher {
         for _ in 0..8 {
             match w.reader.fill(w.sock.as_fd()) {
                 Ok(Fill::Data) => self.frames(w),
-                Ok(Fill::Eof) => {
-                    // A worker closes its socket only by exiting.
+                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e @ Error::Codec(_)) => return fault(w, e),
+                // End of file, or a reset (the worker exited with bytes
+                // unread): a worker closes its socket only by exiting. Its
+                // sentinel reports the exit.
+                Ok(Fill::Eof) | Err(_) => {
                     w.eof = true;
                     if !w.exiting {
                         let _ = w.process.kill();
                     }
-                    return;
-                }
-                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    fault(w, e);
                     return;
                 }
             }
@@ -663,15 +662,10 @@ impl Dispatcher {
     fn on_exit(&mut self, slot: usize, mut w: Worker) {
         // Results it wrote before dying are still in the socket.
         if !w.eof {
-            loop {
-                match w.reader.fill(w.sock.as_fd()) {
-                    Ok(Fill::Data) => {
-                        self.frames(&mut w);
-                        if w.fault.is_some() {
-                            break;
-                        }
-                    }
-                    _ => break,
+            while let Ok(Fill::Data) = w.reader.fill(w.sock.as_fd()) {
+                self.frames(&mut w);
+                if w.fault.is_some() {
+                    break;
                 }
             }
         }
@@ -679,6 +673,10 @@ impl Dispatcher {
         let p = self.progress.slot(slot);
         let started = p.started.load(Ordering::Relaxed);
         let finished = p.finished.load(Ordering::Relaxed);
+        log::debug!(
+            "multiproc: pool worker {} exited with code {exitcode} (started {started}, finished {finished})",
+            w.pid
+        );
         let running = (started > finished).then(|| started - 1);
         let mut fault = w.fault.take();
         let (timed_out, pid) = (w.timed_out, w.pid);
@@ -772,7 +770,7 @@ impl Dispatcher {
         if let Some((step, msg)) = self.broken.clone() {
             self.abort_all(&step, &msg);
         }
-        if self.exit_sent {
+        if self.exit_sent || self.broken.is_some() {
             return;
         }
         if let Err(e) = self.spawn(slot) {

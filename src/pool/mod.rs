@@ -460,6 +460,32 @@ impl Pool {
         Imap::new(job, items.into_iter(), self.inner.processes, None)
     }
 
+    /// [`imap`](Pool::imap) with a fixed chunk size instead of the
+    /// adaptive one (at least 1).
+    ///
+    /// Errors are yielded per item, as for [`imap`](Pool::imap).
+    pub fn imap_chunked<'a, T, R, I>(
+        &self,
+        f: fn(T) -> R,
+        items: I,
+        chunksize: usize,
+    ) -> Imap<'a, R>
+    where
+        I: IntoIterator<Item = T>,
+        I::IntoIter: 'a,
+        T: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        let tramp: Trampoline = worker::tramp_map::<T, R>;
+        let job = JobHandle::start(&self.inner, sys::fn_addr(f), tramp_addr(tramp), None);
+        Imap::new(
+            job,
+            items.into_iter(),
+            self.inner.processes,
+            Some(chunksize.max(1)),
+        )
+    }
+
     /// Like [`imap`](Pool::imap), but yields results as they complete.
     ///
     /// ```
