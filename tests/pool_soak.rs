@@ -62,7 +62,7 @@ fn task(seed: u64) -> u64 {
             unreachable!("SIGKILL returned")
         }
         Kind::Value => {
-            if splitmix(seed) % 100 == 0 {
+            if splitmix(seed).is_multiple_of(100) {
                 std::thread::sleep(Duration::from_micros(splitmix(seed) % 2000));
             }
             value(seed)
