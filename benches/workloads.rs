@@ -194,5 +194,5 @@ fn main() {
     w3(&pool, reps);
     w4(&pool, reps);
     drop(pool);
-    w5(reps.min(3).max(1));
+    w5(reps.clamp(1, 3));
 }
