@@ -1,1 +1,198 @@
-fn main() {}
+//! The workloads of `../shared/anchors` (Python's multiprocessing and C
+//! probes of the machine's limits), for side-by-side ratios.
+//!
+//! `cargo bench --bench workloads` prints one line per figure:
+//! `<W> <name> <key>=<median> reps=<n> min=<min> max=<max>`, the median,
+//! minimum and maximum over repetitions inside the run, with the same names
+//! as the anchors so the outputs pair line by line. 2 worker processes.
+//! An optional argument scales the repetitions (`-- 3`).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use multiproc::{Pool, Process};
+use serde_bytes::ByteBuf;
+
+const MIB: usize = 1 << 20;
+
+fn emit(workload: &str, name: &str, key: &str, values: &[f64], decimals: usize) {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    println!(
+        "{workload} {name} {key}={median:.decimals$} reps={n} min={:.decimals$} max={:.decimals$}",
+        v[0],
+        v[n - 1]
+    );
+}
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn length(b: ByteBuf) -> usize {
+    b.len()
+}
+
+fn make_mib(_: u32) -> ByteBuf {
+    ByteBuf::from(vec![0u8; MIB])
+}
+
+fn ident(x: u64) -> u64 {
+    x
+}
+
+/// About `n` rounds of integer mixing: the CPU-bound task of W5.
+fn burn(n: u64) -> u64 {
+    let mut s = n;
+    for i in 0..n {
+        s = black_box((s.wrapping_add(i.wrapping_mul(i))) & 0xFFFF_FFFF);
+    }
+    s
+}
+
+fn w1(reps: usize) {
+    const N: usize = 1000;
+    let mut per = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        for _ in 0..N {
+            let mut p = Process::new(|| {});
+            p.start().unwrap();
+            assert_eq!(p.join().unwrap(), 0);
+        }
+        per.push(t0.elapsed().as_secs_f64() / N as f64 * 1e6);
+    }
+    emit("W1", "spawn", "us_per_process", &per, 1);
+}
+
+fn w2(pool: &Pool, reps: usize) {
+    pool.map(square, 0..1000u64).unwrap();
+    let (mut big, mut one) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let r = pool.map(square, 0..1_000_000u64).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        assert!(r[999_999] == 999_999 * 999_999 && r.len() == 1_000_000);
+        big.push(1e6 / dt);
+    }
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let r = pool.map_chunked(square, 0..100_000u64, 1).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        assert_eq!(r[99_999], 99_999 * 99_999);
+        one.push(1e5 / dt);
+    }
+    emit("W2", "map_tiny_default_chunk", "tasks_per_s", &big, 0);
+    emit("W2", "map_tiny_chunksize1", "tasks_per_s", &one, 0);
+}
+
+fn w2_lifecycle(reps: usize) {
+    let mut life = Vec::new();
+    for _ in 0..reps * 2 {
+        let t0 = Instant::now();
+        let p = Pool::new(2).unwrap();
+        p.close();
+        p.join().unwrap();
+        life.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    emit("W2", "pool_start_close_join", "ms", &life, 2);
+}
+
+fn w3(pool: &Pool, reps: usize) {
+    const N: usize = 256;
+    let payload_mb = (N * MIB) as f64 / 1e6;
+    let distinct: Vec<ByteBuf> = (0..N).map(|i| ByteBuf::from(vec![i as u8; MIB])).collect();
+    pool.map(length, distinct[..8].to_vec()).unwrap();
+    let (mut args, mut back) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let input = distinct.clone();
+        let t0 = Instant::now();
+        let r = pool.map(length, input).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        assert!(r.iter().all(|&n| n == MIB));
+        args.push(payload_mb / dt);
+    }
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let r = pool.map(make_mib, 0..N as u32).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        assert!(r.len() == N && r.iter().all(|b| b.len() == MIB));
+        drop(r);
+        back.push(payload_mb / dt);
+    }
+    emit("W3", "map_payload_args_distinct", "MB_per_s", &args, 1);
+    emit("W3", "map_payload_results", "MB_per_s", &back, 1);
+}
+
+fn w4(pool: &Pool, reps: usize) {
+    const N: u64 = 10_000;
+    for i in 0..200 {
+        pool.apply(ident, i).unwrap();
+    }
+    let mut per = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        for i in 0..N {
+            assert_eq!(pool.apply(ident, i).unwrap(), i);
+        }
+        per.push(t0.elapsed().as_secs_f64() / N as f64 * 1e6);
+    }
+    emit("W4", "apply_roundtrip", "us_per_call", &per, 1);
+}
+
+fn w5(reps: usize) {
+    const TASKS: usize = 64;
+    // Calibrate the loop to about 20 ms of CPU here.
+    let mut n = 1_000_000u64;
+    loop {
+        let t0 = Instant::now();
+        black_box(burn(n));
+        let dt = t0.elapsed();
+        if dt > Duration::from_millis(5) {
+            n = (n as f64 * 0.020 / dt.as_secs_f64()) as u64;
+            break;
+        }
+        n *= 4;
+    }
+    let pools = [Pool::new(1).unwrap(), Pool::new(2).unwrap()];
+    for p in &pools {
+        p.map_chunked(burn, vec![n / 10; 4], 1).unwrap();
+    }
+    let expect: Vec<u64> = (0..TASKS as u64).map(|i| burn(n + i)).collect();
+    let mut sp = Vec::new();
+    for _ in 0..reps {
+        let mut times = [0.0; 2];
+        for (k, p) in pools.iter().enumerate() {
+            let t0 = Instant::now();
+            let r = p
+                .map_chunked(burn, (0..TASKS as u64).map(|i| n + i), 1)
+                .unwrap();
+            times[k] = t0.elapsed().as_secs_f64();
+            assert_eq!(r, expect);
+        }
+        sp.push(times[0] / times[1]);
+    }
+    emit("W5", "cpu_scaling", "speedup", &sp, 3);
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a number scales the repetitions.
+    let reps: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5);
+    w1(reps);
+    let pool = Pool::new(2).unwrap();
+    w2(&pool, reps);
+    w2_lifecycle(reps);
+    w3(&pool, reps);
+    w4(&pool, reps);
+    drop(pool);
+    w5(reps.clamp(1, 3));
+}

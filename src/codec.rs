@@ -66,6 +66,23 @@ pub(crate) fn encode_frame<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) 
     Ok(())
 }
 
+/// Appends the encoding of `value` to `out`, without a frame header (the
+/// pool packs many values into one frame).
+pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<()> {
+    let start = out.len();
+    if let Err(e) = postcard::serialize_with_flavor::<T, _, ()>(value, VecFlavor(out)) {
+        out.truncate(start);
+        return Err(CodecError::new(CodecErrorKind::Encode(e.to_string())).into());
+    }
+    Ok(())
+}
+
+/// Decodes one `T` from the front of `bytes` and returns it with the rest.
+pub(crate) fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8])> {
+    postcard::take_from_bytes::<T>(bytes)
+        .map_err(|e| CodecError::new(CodecErrorKind::Invalid(e.to_string())).into())
+}
+
 /// Decodes a payload that must hold exactly one `T`.
 pub(crate) fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
     match postcard::take_from_bytes::<T>(payload) {

@@ -130,6 +130,7 @@ pub use process::{
 pub use spawn::{spawn, JoinHandle};
 
 // Re-exports of the pool layer (issue 3).
+pub use pool::{AsyncResult, Imap, ImapUnordered, Pool, PoolBuilder};
 
 // Re-exports of the supervisor layer (issue 4).
 

@@ -1,0 +1,355 @@
+//! [`Imap`] and [`ImapUnordered`]: lazy iterators over a pool's results.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::dispatcher::JobMsg;
+use super::result::{decode_results, replicate, JobHandle};
+use crate::codec;
+use crate::error::{Error, Result};
+
+/// Largest chunk an adaptive `imap` builds.
+const MAX_ADAPTIVE_CHUNK: usize = 4096;
+/// Chunks (of the current size) in flight per worker for `imap`.
+const WINDOW_PER_WORKER: usize = 4;
+/// An adaptive chunk aims at this much work per worker.
+const CHUNK_TARGET_SECS: f64 = 0.002;
+
+/// Encodes up to `n` items into the buffer: `(count, an item that failed to
+/// encode right after them, input exhausted)`.
+type Produce<'a> = Box<dyn FnMut(&mut Vec<u8>, usize) -> (u32, Option<Error>, bool) + 'a>;
+
+/// Pulls the input lazily and keeps a bounded window of chunks in flight.
+struct Feeder<'a> {
+    job: Option<JobHandle>,
+    produce: Produce<'a>,
+    processes: usize,
+    chunksize: Option<usize>,
+    exhausted: bool,
+    /// Items taken from the input (the next item's index).
+    submitted: u64,
+    /// Items whose result (or error) was handed out.
+    yielded: u64,
+    /// Items whose result (or error) arrived or was decided locally.
+    received: u64,
+    started: Instant,
+}
+
+impl<'a> Feeder<'a> {
+    fn new<I, T>(
+        job: Result<JobHandle>,
+        items: I,
+        processes: usize,
+        chunksize: Option<usize>,
+    ) -> (Feeder<'a>, Option<Error>)
+    where
+        I: Iterator<Item = T> + 'a,
+        T: Serialize,
+    {
+        let mut items = items;
+        let produce: Produce<'a> = Box::new(move |buf: &mut Vec<u8>, n: usize| {
+            let mut count = 0u32;
+            while (count as usize) < n {
+                let Some(item) = items.next() else {
+                    return (count, None, true);
+                };
+                if let Err(e) = codec::encode_value(&item, buf) {
+                    return (count, Some(e), false);
+                }
+                count += 1;
+            }
+            (count, None, false)
+        });
+        let (job, err) = match job {
+            Ok(j) => (Some(j), None),
+            Err(e) => (None, Some(e)),
+        };
+        let feeder = Feeder {
+            exhausted: job.is_none(),
+            job,
+            produce,
+            processes: processes.max(1),
+            chunksize,
+            submitted: 0,
+            yielded: 0,
+            received: 0,
+            started: Instant::now(),
+        };
+        (feeder, err)
+    }
+
+    fn next_chunksize(&self) -> usize {
+        if let Some(c) = self.chunksize {
+            return c;
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if self.received == 0 || elapsed <= 0.0 {
+            return 1;
+        }
+        let per_worker = self.received as f64 / elapsed / self.processes as f64;
+        ((per_worker * CHUNK_TARGET_SECS) as usize).clamp(1, MAX_ADAPTIVE_CHUNK)
+    }
+
+    /// Submits chunks while the window has room. Items that could not be
+    /// encoded are returned with their index; a pool that stopped taking
+    /// work is reported as `Err`.
+    fn fill(&mut self, local: &mut Vec<(u64, Error)>) -> Result<()> {
+        while !self.exhausted {
+            let size = self.next_chunksize();
+            let window = (WINDOW_PER_WORKER * self.processes * size) as u64;
+            if self.submitted - self.yielded >= window {
+                break;
+            }
+            let job = self.job.as_ref().expect("a live feeder has a job");
+            let mut buf = Vec::new();
+            let (count, bad, end) = (self.produce)(&mut buf, size);
+            if count > 0 {
+                job.submit(self.submitted, count, buf)?;
+                self.submitted += u64::from(count);
+            }
+            if let Some(e) = bad {
+                local.push((self.submitted, e));
+                self.submitted += 1;
+                self.received += 1;
+            }
+            if end {
+                self.exhausted = true;
+                job.seal()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything was submitted and has come back.
+    fn drained(&self) -> bool {
+        self.exhausted && self.received >= self.submitted
+    }
+
+    /// The next message for this job; `None` if the pool is gone.
+    fn recv(&mut self) -> Option<JobMsg> {
+        let job = self.job.as_ref()?;
+        job.rx.recv().ok()
+    }
+
+    /// Stops feeding (the pool stopped); returns how many items are lost.
+    fn stop(&mut self) -> u64 {
+        self.exhausted = true;
+        let lost = self.submitted - self.received;
+        self.received = self.submitted;
+        lost
+    }
+
+    fn note_done(&mut self) {
+        if self.drained() {
+            if let Some(job) = self.job.as_mut() {
+                job.finished = true;
+            }
+        }
+    }
+}
+
+/// The iterator of [`Pool::imap`](crate::Pool::imap): results in input
+/// order, the input pulled lazily.
+///
+/// At most a few chunks per worker are in flight at any time, so an endless
+/// input works and memory stays bounded. Each item yields its own `Result`:
+/// a task that panicked, died or timed out is an `Err` for that item alone.
+/// Dropping the iterator cancels the chunks not yet started.
+pub struct Imap<'a, R> {
+    feeder: Feeder<'a>,
+    /// Results from index `next` on (`None`: not arrived yet).
+    buffer: VecDeque<Option<Result<R>>>,
+    next: u64,
+    first_error: Option<Error>,
+    local: Vec<(u64, Error)>,
+}
+
+impl<'a, R: DeserializeOwned> Imap<'a, R> {
+    pub(crate) fn new<I, T>(
+        job: Result<JobHandle>,
+        items: I,
+        processes: usize,
+        chunksize: Option<usize>,
+    ) -> Imap<'a, R>
+    where
+        I: Iterator<Item = T> + 'a,
+        T: Serialize,
+    {
+        let (feeder, first_error) = Feeder::new(job, items, processes, chunksize);
+        Imap {
+            feeder,
+            buffer: VecDeque::new(),
+            next: 0,
+            first_error,
+            local: Vec::new(),
+        }
+    }
+
+    fn place(&mut self, index: u64, r: Result<R>) {
+        let Some(off) = index.checked_sub(self.next) else {
+            return;
+        };
+        let off = off as usize;
+        if self.buffer.len() <= off {
+            self.buffer.resize_with(off + 1, || None);
+        }
+        if self.buffer[off].is_none() {
+            self.buffer[off] = Some(r);
+        }
+    }
+
+    fn abort(&mut self, e: &Error) {
+        self.feeder.stop();
+        for i in self.next..self.feeder.submitted {
+            let off = (i - self.next) as usize;
+            if self.buffer.get(off).is_none_or(Option::is_none) {
+                self.place(i, Err(replicate(e)));
+            }
+        }
+    }
+}
+
+impl<R: DeserializeOwned> Iterator for Imap<'_, R> {
+    type Item = Result<R>;
+
+    fn next(&mut self) -> Option<Result<R>> {
+        if let Some(e) = self.first_error.take() {
+            return Some(Err(e));
+        }
+        loop {
+            if matches!(self.buffer.front(), Some(Some(_))) {
+                let r = self.buffer.pop_front().flatten().expect("checked above");
+                self.next += 1;
+                self.feeder.yielded += 1;
+                self.feeder.note_done();
+                return Some(r);
+            }
+            if let Err(e) = self.feeder.fill(&mut self.local) {
+                self.abort(&e);
+            }
+            for (i, e) in std::mem::take(&mut self.local) {
+                self.place(i, Err(e));
+            }
+            if matches!(self.buffer.front(), Some(Some(_))) {
+                continue;
+            }
+            if self.next >= self.feeder.submitted && self.feeder.exhausted {
+                return None;
+            }
+            match self.feeder.recv() {
+                None => self.abort(&Error::PoolClosed),
+                Some(JobMsg::Results { base, count, bytes }) => {
+                    self.feeder.received += u64::from(count);
+                    let mut got = Vec::new();
+                    decode_results::<R>(base, count, &bytes, |i, r| got.push((i, r)));
+                    for (i, r) in got {
+                        self.place(i, r);
+                    }
+                }
+                Some(JobMsg::Failed { index, error }) => {
+                    self.feeder.received += 1;
+                    self.place(index, Err(error));
+                }
+                Some(JobMsg::Abort(e)) => self.abort(&e),
+            }
+        }
+    }
+}
+
+/// The iterator of [`Pool::imap_unordered`](crate::Pool::imap_unordered):
+/// results in completion order, the input pulled lazily (see [`Imap`]).
+pub struct ImapUnordered<'a, R> {
+    feeder: Feeder<'a>,
+    ready: VecDeque<Result<R>>,
+    local: Vec<(u64, Error)>,
+    _marker: PhantomData<fn() -> R>,
+}
+
+impl<'a, R: DeserializeOwned> ImapUnordered<'a, R> {
+    pub(crate) fn new<I, T>(
+        job: Result<JobHandle>,
+        items: I,
+        processes: usize,
+        chunksize: Option<usize>,
+    ) -> ImapUnordered<'a, R>
+    where
+        I: Iterator<Item = T> + 'a,
+        T: Serialize,
+    {
+        let (feeder, first_error) = Feeder::new(job, items, processes, chunksize);
+        ImapUnordered {
+            feeder,
+            ready: first_error.map(Err).into_iter().collect(),
+            local: Vec::new(),
+            _marker: PhantomData,
+        }
+    }
+
+    fn abort(&mut self, e: &Error) {
+        for _ in 0..self.feeder.stop() {
+            self.ready.push_back(Err(replicate(e)));
+        }
+    }
+}
+
+impl<R: DeserializeOwned> Iterator for ImapUnordered<'_, R> {
+    type Item = Result<R>;
+
+    fn next(&mut self) -> Option<Result<R>> {
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                self.feeder.yielded += 1;
+                self.feeder.note_done();
+                return Some(r);
+            }
+            if let Err(e) = self.feeder.fill(&mut self.local) {
+                self.abort(&e);
+            }
+            for (_, e) in std::mem::take(&mut self.local) {
+                self.ready.push_back(Err(e));
+            }
+            if !self.ready.is_empty() {
+                continue;
+            }
+            if self.feeder.drained() {
+                return None;
+            }
+            match self.feeder.recv() {
+                None => self.abort(&Error::PoolClosed),
+                Some(JobMsg::Results { base, count, bytes }) => {
+                    self.feeder.received += u64::from(count);
+                    let ready = &mut self.ready;
+                    decode_results::<R>(base, count, &bytes, |_, r| ready.push_back(r));
+                }
+                Some(JobMsg::Failed { error, .. }) => {
+                    self.feeder.received += 1;
+                    self.ready.push_back(Err(error));
+                }
+                Some(JobMsg::Abort(e)) => self.abort(&e),
+            }
+        }
+    }
+}
+
+impl<R> fmt::Debug for Imap<'_, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Imap")
+            .field("next", &self.next)
+            .field("submitted", &self.feeder.submitted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> fmt::Debug for ImapUnordered<'_, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImapUnordered")
+            .field("submitted", &self.feeder.submitted)
+            .field("received", &self.feeder.received)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,374 @@
+//! The callers' side of a job: submitting chunks, gathering results,
+//! [`AsyncResult`].
+
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::dispatcher::{Command, JobMsg};
+use super::wire;
+use super::Inner;
+use crate::codec;
+use crate::error::{Error, Result};
+
+/// One job seen from its caller: the channel its results arrive on.
+/// Dropping it before the job finished cancels the job's queued chunks.
+pub(crate) struct JobHandle {
+    inner: Arc<Inner>,
+    id: u64,
+    pub(crate) rx: Receiver<JobMsg>,
+    /// Every result arrived (the dispatcher forgot the job by itself).
+    pub(crate) finished: bool,
+}
+
+impl JobHandle {
+    /// Registers a job running `tramp(f)` (and `ctx`) with the dispatcher.
+    pub(crate) fn start(
+        inner: &Arc<Inner>,
+        f: usize,
+        tramp: usize,
+        ctx: Option<Vec<u8>>,
+    ) -> Result<JobHandle> {
+        if inner.is_closed() {
+            return Err(Error::PoolClosed);
+        }
+        let id = inner.next_job();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        inner.send(Command::Job {
+            id,
+            tx,
+            f,
+            tramp,
+            ctx,
+        })?;
+        Ok(JobHandle {
+            inner: Arc::clone(inner),
+            id,
+            rx,
+            finished: false,
+        })
+    }
+
+    /// Queues items `base..base + count`, encoded back to back in `items`.
+    pub(crate) fn submit(&self, base: u64, count: u32, items: Vec<u8>) -> Result<()> {
+        self.inner.send(Command::Chunk {
+            job: self.id,
+            base,
+            count,
+            items,
+        })
+    }
+
+    /// Tells the dispatcher no more chunks will come.
+    pub(crate) fn seal(&self) -> Result<()> {
+        self.inner.send(Command::Seal(self.id))
+    }
+}
+
+impl Drop for JobHandle {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.inner.send(Command::EndJob(self.id));
+        }
+    }
+}
+
+/// Packs items into chunks of `chunksize` and submits them.
+pub(crate) struct Chunker {
+    chunksize: usize,
+    buf: Vec<u8>,
+    count: u32,
+    base: u64,
+}
+
+impl Chunker {
+    pub(crate) fn new(chunksize: usize) -> Chunker {
+        Chunker {
+            chunksize: chunksize.clamp(1, u32::MAX as usize),
+            buf: Vec::new(),
+            count: 0,
+            base: 0,
+        }
+    }
+
+    /// Index of the next item pushed.
+    pub(crate) fn next_index(&self) -> u64 {
+        self.base + u64::from(self.count)
+    }
+
+    /// Encodes one item; a full chunk is submitted. An item that cannot be
+    /// encoded is an `Err` (and takes no index).
+    pub(crate) fn push<T: Serialize>(&mut self, job: &JobHandle, item: &T) -> Result<()> {
+        codec::encode_value(item, &mut self.buf)?;
+        self.count += 1;
+        if self.count as usize >= self.chunksize {
+            self.flush(job)?;
+        }
+        Ok(())
+    }
+
+    /// Submits the partial chunk, if any.
+    pub(crate) fn flush(&mut self, job: &JobHandle) -> Result<()> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let items = std::mem::take(&mut self.buf);
+        let count = self.count;
+        let base = self.base;
+        self.base += u64::from(count);
+        self.count = 0;
+        self.buf = Vec::with_capacity(items.len());
+        job.submit(base, count, items)
+    }
+}
+
+/// A copy of a pool-side error, for each item an abort fails.
+pub(crate) fn replicate(e: &Error) -> Error {
+    match e {
+        Error::PoolClosed => Error::PoolClosed,
+        Error::Timeout => Error::Timeout,
+        Error::Died { pid, exitcode } => Error::Died {
+            pid: *pid,
+            exitcode: *exitcode,
+        },
+        Error::Setup { step, source } => Error::Setup {
+            step: step.clone(),
+            source: io::Error::new(source.kind(), source.to_string()),
+        },
+        Error::Codec(c) => Error::Codec(c.clone()),
+        Error::Panicked { message, location } => Error::Panicked {
+            message: message.clone(),
+            location: location.clone(),
+        },
+        other => Error::Io(io::Error::other(other.to_string())),
+    }
+}
+
+/// Decodes the entries of a results message, handing each `(index,
+/// result)` to `put`. A broken entry fails its item and the rest of the
+/// message.
+pub(crate) fn decode_results<R: DeserializeOwned>(
+    base: u64,
+    count: u32,
+    bytes: &[u8],
+    mut put: impl FnMut(u64, Result<R>),
+) {
+    let mut entries = bytes;
+    for k in 0..u64::from(count) {
+        match wire::take_entry::<R>(&mut entries) {
+            Ok(r) => put(base + k, r),
+            Err(e) => {
+                for j in k..u64::from(count) {
+                    put(base + j, Err(replicate(&e)));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Collects the results of a job of known size (`map`, `apply`, and their
+/// async forms). Stops at the first error.
+pub(crate) struct Gather<R> {
+    job: Option<JobHandle>,
+    slots: Vec<Option<R>>,
+    got: usize,
+    error: Option<Error>,
+}
+
+impl<R: DeserializeOwned> Gather<R> {
+    pub(crate) fn new(job: JobHandle, total: usize) -> Gather<R> {
+        let mut slots = Vec::with_capacity(total);
+        slots.resize_with(total, || None);
+        Gather {
+            job: Some(job),
+            slots,
+            got: 0,
+            error: None,
+        }
+    }
+
+    /// A gather that already failed.
+    pub(crate) fn failed(error: Error) -> Gather<R> {
+        Gather {
+            job: None,
+            slots: Vec::new(),
+            got: 0,
+            error: Some(error),
+        }
+    }
+
+    pub(crate) fn fail(&mut self, error: Error) {
+        if self.error.is_none() {
+            self.error = Some(error);
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.error.is_some() || self.got == self.slots.len()
+    }
+
+    /// Takes messages until every result arrived or one failed (`true`), or
+    /// until `deadline` (`false`).
+    pub(crate) fn pump(&mut self, deadline: Option<Instant>) -> bool {
+        while !self.complete() {
+            let Some(job) = self.job.as_ref() else {
+                self.fail(Error::PoolClosed);
+                break;
+            };
+            let msg = match deadline {
+                None => job.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(d) => job.rx.recv_deadline(d),
+            };
+            match msg {
+                Ok(m) => self.absorb(m),
+                Err(RecvTimeoutError::Timeout) => return false,
+                Err(RecvTimeoutError::Disconnected) => self.fail(Error::PoolClosed),
+            }
+        }
+        if self.error.is_none() {
+            if let Some(job) = self.job.as_mut() {
+                job.finished = true;
+            }
+        }
+        true
+    }
+
+    fn absorb(&mut self, msg: JobMsg) {
+        match msg {
+            JobMsg::Results { base, count, bytes } => {
+                let (slots, got, error) = (&mut self.slots, &mut self.got, &mut self.error);
+                decode_results::<R>(base, count, &bytes, |i, r| match r {
+                    Ok(v) => match slots.get_mut(i as usize) {
+                        Some(s @ None) => {
+                            *s = Some(v);
+                            *got += 1;
+                        }
+                        _ => {
+                            error.get_or_insert_with(|| {
+                                Error::Io(io::Error::other("pool protocol: result index"))
+                            });
+                        }
+                    },
+                    Err(e) => {
+                        error.get_or_insert(e);
+                    }
+                });
+            }
+            JobMsg::Failed { error, .. } | JobMsg::Abort(error) => self.fail(error),
+        }
+    }
+
+    /// The results in input order, or the first error.
+    pub(crate) fn finish(mut self) -> Result<Vec<R>> {
+        self.pump(None);
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        Ok(std::mem::take(&mut self.slots)
+            .into_iter()
+            .map(|s| s.expect("complete without error: every slot is set"))
+            .collect())
+    }
+}
+
+/// The boxed state behind an [`AsyncResult`].
+pub(crate) trait Pending<R>: Send {
+    fn pump(&mut self, deadline: Option<Instant>) -> bool;
+    fn take(self: Box<Self>) -> Result<R>;
+}
+
+/// `apply_async`: one result.
+pub(crate) struct One<R>(pub(crate) Gather<R>);
+/// `map_async`: all of them.
+pub(crate) struct All<R>(pub(crate) Gather<R>);
+
+impl<R: DeserializeOwned + Send> Pending<R> for One<R> {
+    fn pump(&mut self, deadline: Option<Instant>) -> bool {
+        self.0.pump(deadline)
+    }
+    fn take(self: Box<Self>) -> Result<R> {
+        let mut v = self.0.finish()?;
+        v.pop().ok_or(Error::PoolClosed)
+    }
+}
+
+impl<R: DeserializeOwned + Send> Pending<Vec<R>> for All<R> {
+    fn pump(&mut self, deadline: Option<Instant>) -> bool {
+        self.0.pump(deadline)
+    }
+    fn take(self: Box<Self>) -> Result<Vec<R>> {
+        self.0.finish()
+    }
+}
+
+/// The result of [`Pool::apply_async`](crate::Pool::apply_async) or
+/// [`Pool::map_async`](crate::Pool::map_async), arriving in the background
+/// (Python's `AsyncResult`).
+///
+/// The work runs whether or not the result is ever asked for; dropping the
+/// `AsyncResult` cancels what has not started yet.
+///
+/// ```
+/// use std::time::Duration;
+/// let pool = multiproc::Pool::new(2)?;
+/// let r = pool.apply_async(|x: u64| x + 1, 41);
+/// assert!(r.wait(Duration::from_secs(10)));
+/// assert!(r.ready());
+/// assert_eq!(r.get()?, 42);
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub struct AsyncResult<R> {
+    inner: Mutex<Box<dyn Pending<R>>>,
+}
+
+impl<R> AsyncResult<R> {
+    pub(crate) fn new(p: impl Pending<R> + 'static) -> AsyncResult<R> {
+        AsyncResult {
+            inner: Mutex::new(Box::new(p)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn Pending<R>>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the result (or the error) has arrived. Never blocks.
+    pub fn ready(&self) -> bool {
+        self.lock().pump(Some(Instant::now()))
+    }
+
+    /// Waits at most `timeout` for the result; `true` once it has arrived.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(crate::connection::far_future);
+        self.lock().pump(Some(deadline))
+    }
+
+    /// Waits for the result and returns it.
+    ///
+    /// # Errors
+    /// The task's failure: [`Error::Panicked`], [`Error::Died`] (its
+    /// worker was killed), [`Error::Timeout`] (past the pool's
+    /// `task_timeout`), [`Error::Codec`] (a value that does not
+    /// serialize); for `map_async` the first error of any item.
+    /// [`Error::PoolClosed`] if the pool was closed before the task was
+    /// submitted or terminated before it finished.
+    pub fn get(self) -> Result<R> {
+        let mut p = self.inner.into_inner().unwrap_or_else(|e| e.into_inner());
+        p.pump(None);
+        p.take()
+    }
+}
+
+impl<R> fmt::Debug for AsyncResult<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncResult").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,262 @@
+//! The worker: the child side of the pool. Reads chunks, runs their items
+//! through the job's trampoline, streams results back.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::wire::{self, ResultsFrame, ToWorker};
+use crate::codec::{self, Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
+use crate::sys::{self, Progress, SharedProgress, Sig, Trampoline};
+use crate::unwind;
+
+/// Results are written at the latest this long after the oldest unsent one
+/// finished (checked between items), when the chunk ends with no other
+/// chunk queued, or when this many bytes are buffered.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(1);
+const FLUSH_BYTES: usize = 256 * 1024;
+
+/// Everything a worker needs, moved into the child at the fork.
+pub(crate) struct WorkerSpec {
+    /// The worker's end of its socket pair.
+    pub(crate) sock: OwnedFd,
+    /// Inherited fds of the pool that the worker must close (the parent's
+    /// ends of every socket, the other workers' sentinels, the wake pipe).
+    pub(crate) close: Vec<RawFd>,
+    pub(crate) progress: Arc<SharedProgress>,
+    pub(crate) slot: usize,
+    pub(crate) initializer: Option<fn()>,
+}
+
+/// The trampoline of `map`: decodes one `T`, runs `f` under
+/// `catch_unwind`, appends the result entry. With `out` `None` the item is
+/// decoded and dropped (skipped).
+pub(crate) fn tramp_map<T: DeserializeOwned, R: Serialize>(
+    f: usize,
+    _ctx: &mut Option<Box<dyn Any>>,
+    _raw: Option<&[u8]>,
+    input: &mut &[u8],
+    out: Option<&mut Vec<u8>>,
+) -> Result<(), String> {
+    let (item, rest) = codec::decode_prefix::<T>(input).map_err(|e| e.to_string())?;
+    *input = rest;
+    let Some(out) = out else { return Ok(()) };
+    let f: fn(T) -> R = sys::fn_from_addr(f);
+    match unwind::catch(move || f(item)) {
+        Ok(r) => wire::push_ok(out, &r),
+        Err(report) => wire::push_panic(out, &report),
+    }
+    Ok(())
+}
+
+/// The trampoline of `map_with`: as [`tramp_map`], with the job's context
+/// decoded once per worker and kept for the job's later items.
+pub(crate) fn tramp_with<C: DeserializeOwned + 'static, T: DeserializeOwned, R: Serialize>(
+    f: usize,
+    ctx: &mut Option<Box<dyn Any>>,
+    raw: Option<&[u8]>,
+    input: &mut &[u8],
+    out: Option<&mut Vec<u8>>,
+) -> Result<(), String> {
+    let (item, rest) = codec::decode_prefix::<T>(input).map_err(|e| e.to_string())?;
+    *input = rest;
+    let Some(out) = out else { return Ok(()) };
+    if ctx.is_none() {
+        let raw = raw.ok_or("the job's context was never received")?;
+        let c: C = codec::decode(raw).map_err(|e| e.to_string())?;
+        *ctx = Some(Box::new(c));
+    }
+    let c = ctx
+        .as_ref()
+        .and_then(|c| c.downcast_ref::<C>())
+        .ok_or("the job's context has another type")?;
+    let f: fn(&C, T) -> R = sys::fn_from_addr(f);
+    match unwind::catch(move || f(c, item)) {
+        Ok(r) => wire::push_ok(out, &r),
+        Err(report) => wire::push_panic(out, &report),
+    }
+    Ok(())
+}
+
+/// A job's context in this worker: the bytes, and the value once decoded.
+struct Context {
+    raw: Vec<u8>,
+    value: Option<Box<dyn Any>>,
+}
+
+/// The worker's life after the fork's bootstrap. Returns the exit code.
+pub(crate) fn run(spec: WorkerSpec) -> i32 {
+    let _ = sys::ignore_signal(Sig::SIGINT);
+    for fd in &spec.close {
+        sys::close_raw(*fd);
+    }
+    let sock = spec.sock;
+    let progress = spec.progress.slot(spec.slot);
+    let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+    if let Some(init) = spec.initializer {
+        if let Err(report) = unwind::catch(init) {
+            wire::push_init_failed(&mut out, &report.message);
+            let _ = sys::write_all(sock.as_fd(), &out);
+            return 3;
+        }
+    }
+    let mut w = Worker {
+        sock: sock.as_fd(),
+        progress,
+        seq: 0,
+        out,
+        last_flush: Instant::now(),
+    };
+    let mut contexts: HashMap<u64, Context> = HashMap::new();
+    let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN, true);
+    let mut frame: Vec<u8> = Vec::new();
+    loop {
+        loop {
+            match reader.next_payload() {
+                Ok(Some(p)) => {
+                    frame.clear();
+                    frame.extend_from_slice(p);
+                }
+                Ok(None) => break,
+                Err(_) => return 2,
+            }
+            let msg = match wire::parse_to_worker(&frame) {
+                Ok(m) => m,
+                Err(_) => return 2,
+            };
+            match msg {
+                ToWorker::Chunk {
+                    chunk,
+                    job,
+                    f,
+                    tramp,
+                    start,
+                    end,
+                    items,
+                } => {
+                    let tramp: Trampoline = sys::fn_from_addr(tramp);
+                    let ctx = contexts.get_mut(&job);
+                    if !w.run_chunk(ctx, chunk, f, tramp, start, end, items) {
+                        return 0;
+                    }
+                    if !reader.has_frame() && !w.flush() {
+                        return 0;
+                    }
+                }
+                ToWorker::Context { job, ctx } => {
+                    contexts.insert(
+                        job,
+                        Context {
+                            raw: ctx.to_vec(),
+                            value: None,
+                        },
+                    );
+                }
+                ToWorker::Forget { job } => {
+                    contexts.remove(&job);
+                }
+                ToWorker::Exit => {
+                    w.flush();
+                    return 0;
+                }
+            }
+        }
+        if !w.flush() {
+            return 0;
+        }
+        match reader.fill(sock.as_fd()) {
+            Ok(Fill::Data) => w.last_flush = Instant::now(),
+            // The parent is gone (or closed us): nothing left to do.
+            Ok(Fill::Eof) | Err(_) => return 0,
+        }
+        if frame.capacity() > 4 * FLUSH_BYTES {
+            frame = Vec::new();
+        }
+    }
+}
+
+struct Worker<'a> {
+    sock: BorrowedFd<'a>,
+    progress: &'a Progress,
+    /// Items started in this worker's life.
+    seq: u64,
+    out: Vec<u8>,
+    last_flush: Instant,
+}
+
+impl Worker<'_> {
+    /// Runs items `start..end` of a chunk. `false` if the parent is gone.
+    #[allow(clippy::too_many_arguments)]
+    fn run_chunk(
+        &mut self,
+        ctx: Option<&mut Context>,
+        chunk: u64,
+        f: usize,
+        tramp: Trampoline,
+        start: u32,
+        end: u32,
+        mut items: &[u8],
+    ) -> bool {
+        let mut no_ctx = None;
+        let (value, raw) = match ctx {
+            Some(c) => (&mut c.value, Some(c.raw.as_slice())),
+            None => (&mut no_ctx, None),
+        };
+        let mut bad: Option<String> = None;
+        for _ in 0..start {
+            if let Err(e) = tramp(f, value, raw, &mut items, None) {
+                bad = Some(e);
+                break;
+            }
+        }
+        let mut frame = ResultsFrame::begin(&mut self.out, chunk, start);
+        for i in start..end {
+            self.progress.started.store(self.seq + 1, Ordering::Relaxed);
+            match &bad {
+                Some(msg) => wire::push_bad_input(&mut self.out, msg),
+                None => {
+                    if let Err(e) = tramp(f, value, raw, &mut items, Some(&mut self.out)) {
+                        wire::push_bad_input(&mut self.out, &e);
+                        bad = Some(e);
+                    }
+                }
+            }
+            frame.count += 1;
+            self.progress
+                .finished
+                .store(self.seq + 1, Ordering::Relaxed);
+            self.seq += 1;
+            if i + 1 < end
+                && (self.out.len() >= FLUSH_BYTES || self.last_flush.elapsed() >= FLUSH_INTERVAL)
+            {
+                frame.close(&mut self.out);
+                if !self.flush() {
+                    return false;
+                }
+                frame = ResultsFrame::begin(&mut self.out, chunk, i + 1);
+            }
+        }
+        frame.close(&mut self.out);
+        true
+    }
+
+    /// Writes buffered results. `false` if the parent is gone.
+    fn flush(&mut self) -> bool {
+        self.last_flush = Instant::now();
+        if self.out.is_empty() {
+            return true;
+        }
+        let ok = sys::write_all(self.sock, &self.out).is_ok();
+        self.out.clear();
+        if self.out.capacity() > 4 * FLUSH_BYTES {
+            self.out = Vec::with_capacity(64 * 1024);
+        }
+        ok
+    }
+}
