@@ -38,7 +38,16 @@ impl postcard::ser_flavors::Flavor for VecFlavor<'_> {
 
     #[inline]
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
+        if data.len() <= 16 {
+            // Varints and short strings: a byte loop the compiler inlines
+            // beats a call to memcpy (a third of the cost of encoding a u64).
+            self.0.reserve(data.len());
+            for &b in data {
+                self.0.push(b);
+            }
+        } else {
+            self.0.extend_from_slice(data);
+        }
         Ok(())
     }
 
@@ -77,10 +86,25 @@ pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) 
     Ok(())
 }
 
-/// Decodes one `T` from the front of `bytes` and returns it with the rest.
-pub(crate) fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8])> {
-    postcard::take_from_bytes::<T>(bytes)
-        .map_err(|e| CodecError::new(CodecErrorKind::Invalid(e.to_string())).into())
+/// Decodes values packed back to back (the pool's result entries) with one
+/// decoder across them, not one per value.
+pub(crate) struct SeqDecoder<'a> {
+    de: postcard::Deserializer<'a, postcard::de_flavors::Slice<'a>>,
+}
+
+impl<'a> SeqDecoder<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> SeqDecoder<'a> {
+        SeqDecoder {
+            de: postcard::Deserializer::from_bytes(bytes),
+        }
+    }
+
+    /// Decodes the next value.
+    #[inline]
+    pub(crate) fn next<T: DeserializeOwned>(&mut self) -> Result<T> {
+        T::deserialize(&mut self.de)
+            .map_err(|e| CodecError::new(CodecErrorKind::Invalid(e.to_string())).into())
+    }
 }
 
 /// Decodes a payload that must hold exactly one `T`.

@@ -13,8 +13,9 @@ use serde::Serialize;
 use super::dispatcher::{Command, JobMsg};
 use super::wire;
 use super::Inner;
-use crate::codec;
+use crate::codec::{self, SeqDecoder};
 use crate::error::{Error, Result};
+use crate::sys::Slots;
 
 /// One job seen from its caller: the channel its results arrive on.
 /// Dropping it before the job finished cancels the job's queued chunks.
@@ -158,9 +159,9 @@ pub(crate) fn decode_results<R: DeserializeOwned>(
     bytes: &[u8],
     mut put: impl FnMut(u64, Result<R>),
 ) {
-    let mut entries = bytes;
+    let mut dec = SeqDecoder::new(bytes);
     for k in 0..u64::from(count) {
-        match wire::take_entry::<R>(&mut entries) {
+        match wire::next_entry::<R>(&mut dec) {
             Ok(r) => put(base + k, r),
             Err(e) => {
                 for j in k..u64::from(count) {
@@ -174,21 +175,20 @@ pub(crate) fn decode_results<R: DeserializeOwned>(
 
 /// Collects the results of a job of known size (`map`, `apply`, and their
 /// async forms). Stops at the first error.
+///
+/// Each result is decoded straight into its final slot of the output (see
+/// [`Slots`]): no per-item `Option`, no second pass over the output.
 pub(crate) struct Gather<R> {
     job: Option<JobHandle>,
-    slots: Vec<Option<R>>,
-    got: usize,
+    slots: Slots<R>,
     error: Option<Error>,
 }
 
 impl<R: DeserializeOwned> Gather<R> {
     pub(crate) fn new(job: JobHandle, total: usize) -> Gather<R> {
-        let mut slots = Vec::with_capacity(total);
-        slots.resize_with(total, || None);
         Gather {
             job: Some(job),
-            slots,
-            got: 0,
+            slots: Slots::new(total),
             error: None,
         }
     }
@@ -197,8 +197,7 @@ impl<R: DeserializeOwned> Gather<R> {
     pub(crate) fn failed(error: Error) -> Gather<R> {
         Gather {
             job: None,
-            slots: Vec::new(),
-            got: 0,
+            slots: Slots::new(0),
             error: Some(error),
         }
     }
@@ -210,7 +209,7 @@ impl<R: DeserializeOwned> Gather<R> {
     }
 
     fn complete(&self) -> bool {
-        self.error.is_some() || self.got == self.slots.len()
+        self.error.is_some() || self.slots.is_full()
     }
 
     /// Takes messages until every result arrived or one failed (`true`), or
@@ -242,23 +241,21 @@ impl<R: DeserializeOwned> Gather<R> {
     fn absorb(&mut self, msg: JobMsg) {
         match msg {
             JobMsg::Results { base, count, bytes } => {
-                let (slots, got, error) = (&mut self.slots, &mut self.got, &mut self.error);
-                decode_results::<R>(base, count, &bytes, |i, r| match r {
-                    Ok(v) => match slots.get_mut(i as usize) {
-                        Some(s @ None) => {
-                            *s = Some(v);
-                            *got += 1;
+                if self.error.is_some() {
+                    return;
+                }
+                let mut dec = SeqDecoder::new(&bytes);
+                for k in 0..u64::from(count) {
+                    match wire::next_entry::<R>(&mut dec) {
+                        Ok(Ok(v)) => {
+                            let i = usize::try_from(base + k).unwrap_or(usize::MAX);
+                            if self.slots.put(i, v).is_err() {
+                                return self.fail(protocol_error("result index"));
+                            }
                         }
-                        _ => {
-                            error.get_or_insert_with(|| {
-                                Error::Io(io::Error::other("pool protocol: result index"))
-                            });
-                        }
-                    },
-                    Err(e) => {
-                        error.get_or_insert(e);
+                        Ok(Err(e)) | Err(e) => return self.fail(e),
                     }
-                });
+                }
             }
             JobMsg::Failed { error, .. } | JobMsg::Abort(error) => self.fail(error),
         }
@@ -270,11 +267,15 @@ impl<R: DeserializeOwned> Gather<R> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
-        Ok(std::mem::take(&mut self.slots)
-            .into_iter()
-            .map(|s| s.expect("complete without error: every slot is set"))
-            .collect())
+        let slots = std::mem::replace(&mut self.slots, Slots::new(0));
+        slots
+            .into_vec()
+            .ok_or_else(|| protocol_error("missing results"))
     }
+}
+
+fn protocol_error(what: &str) -> Error {
+    Error::Io(io::Error::other(format!("pool protocol: {what}")))
 }
 
 /// The boxed state behind an [`AsyncResult`].

@@ -9,7 +9,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::codec::{self, HEADER_LEN};
+use crate::codec::{self, SeqDecoder, HEADER_LEN};
 use crate::error::{CodecError, CodecErrorKind, Error, Result};
 use crate::unwind::PanicReport;
 
@@ -293,33 +293,23 @@ fn push_message(out: &mut Vec<u8>, status: u8, message: &str) {
     codec::encode_value(message, out).expect("a str always encodes");
 }
 
-/// Decodes the entry at the front of `entries` and advances past it. The
-/// outer `Err` is a broken stream; the inner one is the task's failure.
-pub(crate) fn take_entry<R: DeserializeOwned>(entries: &mut &[u8]) -> Result<Result<R>> {
-    let Some((&status, rest)) = entries.split_first() else {
-        return Err(invalid("missing result entry"));
-    };
+/// Decodes the next entry of a results message. The outer `Err` is a broken
+/// stream; the inner one is the task's failure. (A status is one byte, which
+/// is also how postcard encodes a `u8`.)
+#[inline]
+pub(crate) fn next_entry<R: DeserializeOwned>(dec: &mut SeqDecoder<'_>) -> Result<Result<R>> {
+    let status: u8 = dec.next().map_err(|_| invalid("missing result entry"))?;
     match status {
-        ENTRY_OK => {
-            let (value, rest) = codec::decode_prefix::<R>(rest)?;
-            *entries = rest;
-            Ok(Ok(value))
-        }
-        ENTRY_PANICKED => {
-            let (report, rest) = codec::decode_prefix::<PanicReport>(rest)?;
-            *entries = rest;
-            Ok(Err(report.into()))
-        }
-        ENTRY_ENCODE_FAILED | ENTRY_BAD_INPUT => {
-            let (message, rest) = codec::decode_prefix::<String>(rest)?;
-            *entries = rest;
-            let kind = if status == ENTRY_ENCODE_FAILED {
-                CodecErrorKind::Encode(message)
-            } else {
-                CodecErrorKind::Invalid(message)
-            };
-            Ok(Err(CodecError::new(kind).into()))
-        }
+        ENTRY_OK => Ok(Ok(dec.next::<R>()?)),
+        ENTRY_PANICKED => Ok(Err(dec.next::<PanicReport>()?.into())),
+        ENTRY_ENCODE_FAILED => Ok(Err(CodecError::new(CodecErrorKind::Encode(
+            dec.next::<String>()?,
+        ))
+        .into())),
+        ENTRY_BAD_INPUT => Ok(Err(CodecError::new(CodecErrorKind::Invalid(
+            dec.next::<String>()?,
+        ))
+        .into())),
         _ => Err(invalid("unknown result status")),
     }
 }
@@ -386,20 +376,21 @@ mod tests {
             chunk,
             start,
             count,
-            mut entries,
+            entries,
         } = parse_from_worker(payload(&out)).unwrap()
         else {
             panic!("not results")
         };
         assert_eq!((chunk, start, count), (5, 2, 3));
-        assert_eq!(take_entry::<u64>(&mut entries).unwrap().unwrap(), 42);
-        let e = take_entry::<u64>(&mut entries).unwrap().unwrap_err();
+        let mut dec = SeqDecoder::new(entries);
+        assert_eq!(next_entry::<u64>(&mut dec).unwrap().unwrap(), 42);
+        let e = next_entry::<u64>(&mut dec).unwrap().unwrap_err();
         assert_eq!(e.panic_message(), Some("boom"));
         assert!(matches!(
-            take_entry::<u64>(&mut entries).unwrap(),
+            next_entry::<u64>(&mut dec).unwrap(),
             Err(Error::Codec(_))
         ));
-        assert!(entries.is_empty());
+        assert!(next_entry::<u64>(&mut dec).is_err(), "nothing left");
         // An empty frame vanishes.
         let mut out = Vec::new();
         ResultsFrame::begin(&mut out, 1, 0).close(&mut out);
@@ -412,9 +403,9 @@ mod tests {
         assert!(parse_from_worker(&[9, 1, 2]).is_err());
         assert!(parse_from_worker(&[TAG_RESULTS, 1]).is_err());
         assert!(parse_to_worker(&[TAG_CHUNK, 0]).is_err());
-        let mut entries: &[u8] = &[77, 1, 2];
-        assert!(take_entry::<u64>(&mut entries).is_err());
-        let mut entries: &[u8] = &[ENTRY_OK];
-        assert!(take_entry::<u64>(&mut entries).is_err());
+        let mut dec = SeqDecoder::new(&[77, 1, 2]);
+        assert!(next_entry::<u64>(&mut dec).is_err());
+        let mut dec = SeqDecoder::new(&[ENTRY_OK]);
+        assert!(next_entry::<u64>(&mut dec).is_err());
     }
 }

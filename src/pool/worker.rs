@@ -6,20 +6,20 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::wire::{self, ResultsFrame, ToWorker};
-use crate::codec::{self, Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
+use crate::codec::{self, Fill, FrameReader, SeqDecoder, DEFAULT_MAX_FRAME_LEN};
 use crate::sys::{self, Progress, SharedProgress, Sig, Trampoline};
 use crate::unwind;
 
-/// Results are written at the latest this long after the oldest unsent one
-/// finished (checked between items), when the chunk ends with no other
-/// chunk queued, or when this many bytes are buffered.
-const FLUSH_INTERVAL: Duration = Duration::from_millis(1);
+/// Results are written once this long has passed since the last write
+/// (checked between items, on the coarse clock: so within one scheduler tick
+/// of it, 1 to 4 ms), when the chunk ends with no other chunk queued, or
+/// when this many bytes are buffered.
+const FLUSH_INTERVAL_NS: u64 = 1_000_000;
 const FLUSH_BYTES: usize = 256 * 1024;
 
 /// Everything a worker needs, moved into the child at the fork.
@@ -41,11 +41,10 @@ pub(crate) fn tramp_map<T: DeserializeOwned, R: Serialize>(
     f: usize,
     _ctx: &mut Option<Box<dyn Any>>,
     _raw: Option<&[u8]>,
-    input: &mut &[u8],
+    input: &mut SeqDecoder<'_>,
     out: Option<&mut Vec<u8>>,
 ) -> Result<(), String> {
-    let (item, rest) = codec::decode_prefix::<T>(input).map_err(|e| e.to_string())?;
-    *input = rest;
+    let item = input.next::<T>().map_err(|e| e.to_string())?;
     let Some(out) = out else { return Ok(()) };
     let f: fn(T) -> R = sys::fn_from_addr(f);
     match unwind::catch(move || f(item)) {
@@ -61,11 +60,10 @@ pub(crate) fn tramp_with<C: DeserializeOwned + 'static, T: DeserializeOwned, R: 
     f: usize,
     ctx: &mut Option<Box<dyn Any>>,
     raw: Option<&[u8]>,
-    input: &mut &[u8],
+    input: &mut SeqDecoder<'_>,
     out: Option<&mut Vec<u8>>,
 ) -> Result<(), String> {
-    let (item, rest) = codec::decode_prefix::<T>(input).map_err(|e| e.to_string())?;
-    *input = rest;
+    let item = input.next::<T>().map_err(|e| e.to_string())?;
     let Some(out) = out else { return Ok(()) };
     if ctx.is_none() {
         let raw = raw.ok_or("the job's context was never received")?;
@@ -111,22 +109,19 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
         progress,
         seq: 0,
         out,
-        last_flush: Instant::now(),
+        last_flush: sys::coarse_now_ns(),
     };
     let mut contexts: HashMap<u64, Context> = HashMap::new();
     let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN, true);
-    let mut frame: Vec<u8> = Vec::new();
     loop {
         loop {
-            match reader.next_payload() {
-                Ok(Some(p)) => {
-                    frame.clear();
-                    frame.extend_from_slice(p);
-                }
+            // The message borrows the reader's buffer: no copy of the chunk.
+            let frame = match reader.next_payload() {
+                Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(_) => return 2,
-            }
-            let msg = match wire::parse_to_worker(&frame) {
+            };
+            let msg = match wire::parse_to_worker(frame) {
                 Ok(m) => m,
                 Err(_) => return 2,
             };
@@ -171,12 +166,9 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
             return 0;
         }
         match reader.fill(sock.as_fd()) {
-            Ok(Fill::Data) => w.last_flush = Instant::now(),
+            Ok(Fill::Data) => w.last_flush = sys::coarse_now_ns(),
             // The parent is gone (or closed us): nothing left to do.
             Ok(Fill::Eof) | Err(_) => return 0,
-        }
-        if frame.capacity() > 4 * FLUSH_BYTES {
-            frame = Vec::new();
         }
     }
 }
@@ -187,7 +179,8 @@ struct Worker<'a> {
     /// Items started in this worker's life.
     seq: u64,
     out: Vec<u8>,
-    last_flush: Instant,
+    /// [`sys::coarse_now_ns`] at the last write (or wake-up).
+    last_flush: u64,
 }
 
 impl Worker<'_> {
@@ -201,8 +194,9 @@ impl Worker<'_> {
         tramp: Trampoline,
         start: u32,
         end: u32,
-        mut items: &[u8],
+        items: &[u8],
     ) -> bool {
+        let mut items = SeqDecoder::new(items);
         let mut no_ctx = None;
         let (value, raw) = match ctx {
             Some(c) => (&mut c.value, Some(c.raw.as_slice())),
@@ -233,7 +227,8 @@ impl Worker<'_> {
                 .store(self.seq + 1, Ordering::Relaxed);
             self.seq += 1;
             if i + 1 < end
-                && (self.out.len() >= FLUSH_BYTES || self.last_flush.elapsed() >= FLUSH_INTERVAL)
+                && (self.out.len() >= FLUSH_BYTES
+                    || sys::coarse_now_ns().wrapping_sub(self.last_flush) >= FLUSH_INTERVAL_NS)
             {
                 frame.close(&mut self.out);
                 if !self.flush() {
@@ -248,7 +243,7 @@ impl Worker<'_> {
 
     /// Writes buffered results. `false` if the parent is gone.
     fn flush(&mut self) -> bool {
-        self.last_flush = Instant::now();
+        self.last_flush = sys::coarse_now_ns();
         if self.out.is_empty() {
             return true;
         }

@@ -87,15 +87,15 @@ impl Drop for SharedProgress {
 }
 
 /// The signature of the pool's monomorphized trampolines: `(the user's
-/// function address, the decoded context, the raw context, the input
-/// items, the output buffer or `None` to skip the item) -> Err(message)` when an input item cannot be
+/// function address, the decoded context, the raw context, the decoder
+/// over the chunk's items, the output buffer or `None` to skip the item) -> Err(message)` when an input item cannot be
 /// decoded. Defined here because its address crosses `fork` (see
 /// [`fn_from_addr`]).
 pub(crate) type Trampoline = fn(
     usize,
     &mut Option<Box<dyn std::any::Any>>,
     Option<&[u8]>,
-    &mut &[u8],
+    &mut crate::codec::SeqDecoder<'_>,
     Option<&mut Vec<u8>>,
 ) -> Result<(), String>;
 
@@ -236,5 +236,161 @@ mod tests {
         assert_eq!(crate::sys::wait_blocking(pid).unwrap(), 0);
         assert_eq!(shared.slot(1).started.load(Ordering::Relaxed), 7);
         assert_eq!(shared.slot(0).started.load(Ordering::Relaxed), 0);
+    }
+}
+
+/// A monotonic clock in nanoseconds that costs a memory read, not a
+/// system call or a TSC read: `CLOCK_MONOTONIC_COARSE` (through the vDSO),
+/// which advances once per scheduler tick (1 to 4 ms). For deciding when to
+/// flush a worker's buffered results between items. 0 if the clock is
+/// unavailable (then only the other flush rules apply).
+#[inline]
+pub(crate) fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the
+    // call; the clock id is a constant the kernel knows (or rejects with
+    // EINVAL, leaving `ts` zeroed).
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+}
+
+/// A fixed number of result slots filled in any order, each exactly once,
+/// then turned into a `Vec<R>` in place: the pool decodes every result
+/// straight into its final position (no `Option` per item, no second copy
+/// of the output). A bitmap records which slots hold a value.
+pub(crate) struct Slots<R> {
+    buf: Vec<mem::MaybeUninit<R>>,
+    filled: Vec<u64>,
+    count: usize,
+}
+
+impl<R> Slots<R> {
+    /// `n` empty slots. The memory is reserved, not touched.
+    pub(crate) fn new(n: usize) -> Slots<R> {
+        let mut buf = Vec::with_capacity(n);
+        // SAFETY: the capacity is at least `n`, and `MaybeUninit<R>` needs no
+        // initialization: every bit pattern, including none, is a valid one.
+        unsafe { buf.set_len(n) };
+        Slots {
+            buf,
+            filled: vec![0u64; n.div_ceil(64)],
+            count: 0,
+        }
+    }
+
+    /// Whether every slot holds a value.
+    pub(crate) fn is_full(&self) -> bool {
+        self.count == self.buf.len()
+    }
+
+    /// Puts `value` in slot `i`; gives it back if `i` is out of range or the
+    /// slot is taken.
+    #[inline]
+    pub(crate) fn put(&mut self, i: usize, value: R) -> std::result::Result<(), R> {
+        if i >= self.buf.len() {
+            return Err(value);
+        }
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if self.filled[word] & bit != 0 {
+            return Err(value);
+        }
+        self.buf[i].write(value);
+        self.filled[word] |= bit;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The values in slot order, if every slot holds one.
+    pub(crate) fn into_vec(self) -> Option<Vec<R>> {
+        if !self.is_full() {
+            return None;
+        }
+        let mut this = mem::ManuallyDrop::new(self);
+        let mut buf = mem::ManuallyDrop::new(mem::take(&mut this.buf));
+        // SAFETY: the bitmap is dropped with `this`'s other fields below;
+        // every slot of `buf` has been written exactly once (`count` equals
+        // the length and `put` refuses a second write), so its elements are
+        // initialized `R`s. `MaybeUninit<R>` has the size and alignment of
+        // `R`, so the pointer, length and capacity describe a valid
+        // `Vec<R>` allocation, which `buf` (never dropped) no longer owns.
+        let out =
+            unsafe { Vec::from_raw_parts(buf.as_mut_ptr().cast::<R>(), buf.len(), buf.capacity()) };
+        drop(mem::take(&mut this.filled));
+        Some(out)
+    }
+}
+
+impl<R> Drop for Slots<R> {
+    fn drop(&mut self) {
+        if !mem::needs_drop::<R>() {
+            return;
+        }
+        for (i, slot) in self.buf.iter_mut().enumerate() {
+            if self.filled[i / 64] & (1u64 << (i % 64)) != 0 {
+                // SAFETY: the bit says slot `i` was written by `put` and not
+                // moved out since (`into_vec` empties `buf` before it could
+                // be dropped here), so it holds an initialized `R`, dropped
+                // exactly once.
+                unsafe { slot.assume_init_drop() };
+            }
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for Slots<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots")
+            .field("len", &self.buf.len())
+            .field("filled", &self.count)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod slots_tests {
+    use super::Slots;
+    use std::rc::Rc;
+
+    #[test]
+    fn out_of_order_fill_gives_the_values_in_slot_order() {
+        let mut s = Slots::new(130);
+        for i in (0..130).rev() {
+            s.put(i, i * 2).unwrap();
+        }
+        assert_eq!(s.put(5, 0), Err(0), "a second write is refused");
+        assert_eq!(s.put(130, 0), Err(0), "out of range is refused");
+        let v = s.into_vec().unwrap();
+        assert_eq!(v, (0..130).map(|i| i * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn partial_slots_drop_exactly_the_values_they_hold() {
+        let tracker = Rc::new(());
+        let mut s = Slots::new(100);
+        for i in (0..100).step_by(3) {
+            s.put(i, Rc::clone(&tracker)).unwrap();
+        }
+        assert!(!s.is_full());
+        assert_eq!(Rc::strong_count(&tracker), 35);
+        drop(s);
+        assert_eq!(Rc::strong_count(&tracker), 1);
+        let mut s = Slots::new(2);
+        s.put(0, Rc::clone(&tracker)).unwrap();
+        assert!(s.into_vec().is_none(), "not full");
+        assert_eq!(Rc::strong_count(&tracker), 1);
+    }
+
+    #[test]
+    fn empty_slots_make_an_empty_vec() {
+        let s: Slots<String> = Slots::new(0);
+        assert_eq!(s.into_vec().unwrap(), Vec::<String>::new());
     }
 }
