@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::dispatcher::{Command, JobMsg};
 use super::wire;
 use super::Inner;
-use crate::codec::{self, SeqDecoder};
+use crate::codec;
 use crate::error::{Error, Result};
 use crate::sys::Slots;
 
@@ -159,9 +159,17 @@ pub(crate) fn decode_results<R: DeserializeOwned>(
     bytes: &[u8],
     mut put: impl FnMut(u64, Result<R>),
 ) {
-    let mut dec = SeqDecoder::new(bytes);
+    let mut entries = match wire::Entries::new(bytes) {
+        Ok(e) => e,
+        Err(e) => {
+            for j in 0..u64::from(count) {
+                put(base + j, Err(replicate(&e)));
+            }
+            return;
+        }
+    };
     for k in 0..u64::from(count) {
-        match wire::next_entry::<R>(&mut dec) {
+        match entries.next::<R>() {
             Ok(r) => put(base + k, r),
             Err(e) => {
                 for j in k..u64::from(count) {
@@ -244,9 +252,12 @@ impl<R: DeserializeOwned> Gather<R> {
                 if self.error.is_some() {
                     return;
                 }
-                let mut dec = SeqDecoder::new(&bytes);
+                let mut entries = match wire::Entries::new(&bytes) {
+                    Ok(e) => e,
+                    Err(e) => return self.fail(e),
+                };
                 for k in 0..u64::from(count) {
-                    match wire::next_entry::<R>(&mut dec) {
+                    match entries.next::<R>() {
                         Ok(Ok(v)) => {
                             let i = usize::try_from(base + k).unwrap_or(usize::MAX);
                             if self.slots.put(i, v).is_err() {

@@ -22,7 +22,6 @@ const TAG_RESULTS: u8 = 1;
 const TAG_INIT_FAILED: u8 = 2;
 
 /// Status byte of one result entry.
-const ENTRY_OK: u8 = 0;
 const ENTRY_PANICKED: u8 = 1;
 const ENTRY_ENCODE_FAILED: u8 = 2;
 const ENTRY_BAD_INPUT: u8 = 3;
@@ -196,36 +195,58 @@ pub(crate) fn parse_to_worker(payload: &[u8]) -> Result<ToWorker<'_>> {
 }
 
 /// A results frame being filled by a worker: begun for one chunk at one
-/// item, entries appended, closed by [`ResultsFrame::close`].
-#[derive(Debug)]
+/// item, entries appended (each counted with [`entry`](ResultsFrame::entry)),
+/// closed by [`ResultsFrame::close`]. Reused from frame to frame.
+///
+/// A value entry is the encoded `R` alone; a failed item's entry is a status
+/// byte and its report. The frame ends with a footer: the positions of the
+/// failed items in the frame (`u32` each) and their number (`u32`). So a
+/// frame of values carries no per-item overhead, and the parent decodes it
+/// in a tight loop.
+#[derive(Debug, Default)]
 pub(crate) struct ResultsFrame {
     frame_start: usize,
-    pub(crate) count: u32,
+    count: u32,
+    failures: Vec<u32>,
 }
 
 impl ResultsFrame {
     /// Begins a results frame for `chunk` from item `start` in `out`.
-    pub(crate) fn begin(out: &mut Vec<u8>, chunk: u64, start: u32) -> ResultsFrame {
-        let frame_start = begin_frame(out);
+    pub(crate) fn begin(&mut self, out: &mut Vec<u8>, chunk: u64, start: u32) {
+        self.frame_start = begin_frame(out);
+        self.count = 0;
+        self.failures.clear();
         out.push(TAG_RESULTS);
         out.extend_from_slice(&chunk.to_le_bytes());
         out.extend_from_slice(&start.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
-        ResultsFrame {
-            frame_start,
-            count: 0,
-        }
     }
 
-    /// Writes the count and the length; an empty frame is removed.
-    pub(crate) fn close(self, out: &mut Vec<u8>) {
+    /// Counts the entry just appended: a value (`ok`) or a failure.
+    #[inline]
+    pub(crate) fn entry(&mut self, ok: bool) {
+        if !ok {
+            self.failures.push(self.count);
+        }
+        self.count += 1;
+    }
+
+    /// Writes the footer, the count and the length; an empty frame is
+    /// removed.
+    pub(crate) fn close(&mut self, out: &mut Vec<u8>) {
         if self.count == 0 {
             out.truncate(self.frame_start);
             return;
         }
+        for f in &self.failures {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.failures.len() as u32).to_le_bytes());
         let at = self.frame_start + HEADER_LEN + 1 + 8 + 4;
         out[at..at + 4].copy_from_slice(&self.count.to_le_bytes());
         end_frame(out, self.frame_start);
+        self.count = 0;
+        self.failures.clear();
     }
 }
 
@@ -262,18 +283,20 @@ pub(crate) fn parse_from_worker(payload: &[u8]) -> Result<FromWorker<'_>> {
     }
 }
 
-/// Appends the entry of a task that returned `value` (or, if it cannot be
-/// encoded, the entry of an encoding failure).
-pub(crate) fn push_ok<R: Serialize>(out: &mut Vec<u8>, value: &R) {
-    let at = out.len();
-    out.push(ENTRY_OK);
-    if let Err(e) = codec::encode_value(value, out) {
-        out.truncate(at);
-        push_message(out, ENTRY_ENCODE_FAILED, &e.to_string());
+/// Appends the entry of a task that returned `value` or, if it cannot be
+/// encoded, the entry of an encoding failure. `true` for a value entry.
+#[inline]
+pub(crate) fn push_ok<R: Serialize>(out: &mut Vec<u8>, value: &R) -> bool {
+    match codec::encode_value(value, out) {
+        Ok(()) => true,
+        Err(e) => {
+            push_message(out, ENTRY_ENCODE_FAILED, &e.to_string());
+            false
+        }
     }
 }
 
-/// Appends the entry of a task that panicked.
+/// Appends the entry of a task that panicked (a failure entry).
 pub(crate) fn push_panic(out: &mut Vec<u8>, report: &PanicReport) {
     let at = out.len();
     out.push(ENTRY_PANICKED);
@@ -283,7 +306,8 @@ pub(crate) fn push_panic(out: &mut Vec<u8>, report: &PanicReport) {
     }
 }
 
-/// Appends the entry of an item whose input could not be decoded.
+/// Appends the entry of an item whose input could not be decoded (a
+/// failure entry).
 pub(crate) fn push_bad_input(out: &mut Vec<u8>, message: &str) {
     push_message(out, ENTRY_BAD_INPUT, message);
 }
@@ -293,24 +317,68 @@ fn push_message(out: &mut Vec<u8>, status: u8, message: &str) {
     codec::encode_value(message, out).expect("a str always encodes");
 }
 
-/// Decodes the next entry of a results message. The outer `Err` is a broken
-/// stream; the inner one is the task's failure. (A status is one byte, which
-/// is also how postcard encodes a `u8`.)
-#[inline]
-pub(crate) fn next_entry<R: DeserializeOwned>(dec: &mut SeqDecoder<'_>) -> Result<Result<R>> {
-    let status: u8 = dec.next().map_err(|_| invalid("missing result entry"))?;
-    match status {
-        ENTRY_OK => Ok(Ok(dec.next::<R>()?)),
-        ENTRY_PANICKED => Ok(Err(dec.next::<PanicReport>()?.into())),
-        ENTRY_ENCODE_FAILED => Ok(Err(CodecError::new(CodecErrorKind::Encode(
-            dec.next::<String>()?,
-        ))
-        .into())),
-        ENTRY_BAD_INPUT => Ok(Err(CodecError::new(CodecErrorKind::Invalid(
-            dec.next::<String>()?,
-        ))
-        .into())),
-        _ => Err(invalid("unknown result status")),
+/// Reads the entries of a results message, footer first (see
+/// [`ResultsFrame`]).
+pub(crate) struct Entries<'a> {
+    dec: SeqDecoder<'a>,
+    /// The positions of the failed entries still ahead, `u32` LE each.
+    failures: &'a [u8],
+    index: u32,
+}
+
+impl<'a> Entries<'a> {
+    /// Splits the footer off the entries of a results message.
+    pub(crate) fn new(bytes: &'a [u8]) -> Result<Entries<'a>> {
+        let n = bytes.len();
+        let k = bytes
+            .get(n.wrapping_sub(4)..)
+            .filter(|_| n >= 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or_else(|| invalid("results without footer"))?;
+        let footer = k
+            .checked_mul(4)
+            .and_then(|t| t.checked_add(4))
+            .filter(|&t| t <= n)
+            .ok_or_else(|| invalid("results footer"))?;
+        Ok(Entries {
+            dec: SeqDecoder::new(&bytes[..n - footer]),
+            failures: &bytes[n - footer..n - 4],
+            index: 0,
+        })
+    }
+
+    /// Decodes the next entry. The outer `Err` is a broken stream; the
+    /// inner one is the task's failure.
+    #[inline]
+    pub(crate) fn next<R: DeserializeOwned>(&mut self) -> Result<Result<R>> {
+        let i = self.index;
+        self.index += 1;
+        match self.failures.first_chunk::<4>() {
+            Some(f) if u32::from_le_bytes(*f) == i => {
+                self.failures = &self.failures[4..];
+                self.failure().map(Err)
+            }
+            _ => self.dec.next::<R>().map(Ok),
+        }
+    }
+
+    /// Decodes a failure entry: a status byte (which is also how postcard
+    /// encodes a `u8`) and its report.
+    fn failure(&mut self) -> Result<Error> {
+        let status: u8 = self
+            .dec
+            .next()
+            .map_err(|_| invalid("missing result entry"))?;
+        Ok(match status {
+            ENTRY_PANICKED => self.dec.next::<PanicReport>()?.into(),
+            ENTRY_ENCODE_FAILED => {
+                CodecError::new(CodecErrorKind::Encode(self.dec.next::<String>()?)).into()
+            }
+            ENTRY_BAD_INPUT => {
+                CodecError::new(CodecErrorKind::Invalid(self.dec.next::<String>()?)).into()
+            }
+            _ => return Err(invalid("unknown result status")),
+        })
     }
 }
 
@@ -357,10 +425,10 @@ mod tests {
     #[test]
     fn results_round_trip() {
         let mut out = Vec::new();
-        let frame = ResultsFrame::begin(&mut out, 5, 2);
-        let mut frame = frame;
-        push_ok(&mut out, &42u64);
-        frame.count += 1;
+        let mut frame = ResultsFrame::default();
+        frame.begin(&mut out, 5, 2);
+        assert!(push_ok(&mut out, &42u64));
+        frame.entry(true);
         push_panic(
             &mut out,
             &PanicReport {
@@ -368,9 +436,11 @@ mod tests {
                 location: None,
             },
         );
-        frame.count += 1;
+        frame.entry(false);
         push_bad_input(&mut out, "bad");
-        frame.count += 1;
+        frame.entry(false);
+        assert!(push_ok(&mut out, &7u64));
+        frame.entry(true);
         frame.close(&mut out);
         let FromWorker::Results {
             chunk,
@@ -381,19 +451,18 @@ mod tests {
         else {
             panic!("not results")
         };
-        assert_eq!((chunk, start, count), (5, 2, 3));
-        let mut dec = SeqDecoder::new(entries);
-        assert_eq!(next_entry::<u64>(&mut dec).unwrap().unwrap(), 42);
-        let e = next_entry::<u64>(&mut dec).unwrap().unwrap_err();
-        assert_eq!(e.panic_message(), Some("boom"));
-        assert!(matches!(
-            next_entry::<u64>(&mut dec).unwrap(),
-            Err(Error::Codec(_))
-        ));
-        assert!(next_entry::<u64>(&mut dec).is_err(), "nothing left");
+        assert_eq!((chunk, start, count), (5, 2, 4));
+        let mut e = Entries::new(entries).unwrap();
+        assert_eq!(e.next::<u64>().unwrap().unwrap(), 42);
+        let err = e.next::<u64>().unwrap().unwrap_err();
+        assert_eq!(err.panic_message(), Some("boom"));
+        assert!(matches!(e.next::<u64>().unwrap(), Err(Error::Codec(_))));
+        assert_eq!(e.next::<u64>().unwrap().unwrap(), 7);
+        assert!(e.next::<u64>().is_err(), "nothing left");
         // An empty frame vanishes.
         let mut out = Vec::new();
-        ResultsFrame::begin(&mut out, 1, 0).close(&mut out);
+        frame.begin(&mut out, 1, 0);
+        frame.close(&mut out);
         assert!(out.is_empty());
     }
 
@@ -403,9 +472,14 @@ mod tests {
         assert!(parse_from_worker(&[9, 1, 2]).is_err());
         assert!(parse_from_worker(&[TAG_RESULTS, 1]).is_err());
         assert!(parse_to_worker(&[TAG_CHUNK, 0]).is_err());
-        let mut dec = SeqDecoder::new(&[77, 1, 2]);
-        assert!(next_entry::<u64>(&mut dec).is_err());
-        let mut dec = SeqDecoder::new(&[ENTRY_OK]);
-        assert!(next_entry::<u64>(&mut dec).is_err());
+        // No footer, a footer longer than the message, an unknown status.
+        assert!(Entries::new(&[]).is_err());
+        assert!(Entries::new(&[0, 0, 0]).is_err());
+        assert!(Entries::new(&[9, 0, 0, 0]).is_err());
+        let mut e = Entries::new(&[77, 0, 0, 0, 0, 1, 0, 0, 0]).unwrap();
+        assert!(e.next::<u64>().is_err());
+        // A value cut short.
+        let mut e = Entries::new(&[0x80, 0, 0, 0, 0]).unwrap();
+        assert!(e.next::<u64>().is_err());
     }
 }

@@ -43,15 +43,17 @@ pub(crate) fn tramp_map<T: DeserializeOwned, R: Serialize>(
     _raw: Option<&[u8]>,
     input: &mut SeqDecoder<'_>,
     out: Option<&mut Vec<u8>>,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let item = input.next::<T>().map_err(|e| e.to_string())?;
-    let Some(out) = out else { return Ok(()) };
+    let Some(out) = out else { return Ok(true) };
     let f: fn(T) -> R = sys::fn_from_addr(f);
-    match unwind::catch(move || f(item)) {
+    Ok(match unwind::catch(move || f(item)) {
         Ok(r) => wire::push_ok(out, &r),
-        Err(report) => wire::push_panic(out, &report),
-    }
-    Ok(())
+        Err(report) => {
+            wire::push_panic(out, &report);
+            false
+        }
+    })
 }
 
 /// The trampoline of `map_with`: as [`tramp_map`], with the job's context
@@ -62,9 +64,9 @@ pub(crate) fn tramp_with<C: DeserializeOwned + 'static, T: DeserializeOwned, R: 
     raw: Option<&[u8]>,
     input: &mut SeqDecoder<'_>,
     out: Option<&mut Vec<u8>>,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let item = input.next::<T>().map_err(|e| e.to_string())?;
-    let Some(out) = out else { return Ok(()) };
+    let Some(out) = out else { return Ok(true) };
     if ctx.is_none() {
         let raw = raw.ok_or("the job's context was never received")?;
         let c: C = codec::decode(raw).map_err(|e| e.to_string())?;
@@ -75,11 +77,13 @@ pub(crate) fn tramp_with<C: DeserializeOwned + 'static, T: DeserializeOwned, R: 
         .and_then(|c| c.downcast_ref::<C>())
         .ok_or("the job's context has another type")?;
     let f: fn(&C, T) -> R = sys::fn_from_addr(f);
-    match unwind::catch(move || f(c, item)) {
+    Ok(match unwind::catch(move || f(c, item)) {
         Ok(r) => wire::push_ok(out, &r),
-        Err(report) => wire::push_panic(out, &report),
-    }
-    Ok(())
+        Err(report) => {
+            wire::push_panic(out, &report);
+            false
+        }
+    })
 }
 
 /// A job's context in this worker: the bytes, and the value once decoded.
@@ -110,6 +114,7 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
         seq: 0,
         out,
         last_flush: sys::coarse_now_ns(),
+        frame: ResultsFrame::default(),
     };
     let mut contexts: HashMap<u64, Context> = HashMap::new();
     let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN, true);
@@ -181,6 +186,8 @@ struct Worker<'a> {
     out: Vec<u8>,
     /// [`sys::coarse_now_ns`] at the last write (or wake-up).
     last_flush: u64,
+    /// The results frame being filled (reused).
+    frame: ResultsFrame,
 }
 
 impl Worker<'_> {
@@ -209,19 +216,25 @@ impl Worker<'_> {
                 break;
             }
         }
-        let mut frame = ResultsFrame::begin(&mut self.out, chunk, start);
+        let frame = &mut self.frame;
+        frame.begin(&mut self.out, chunk, start);
         for i in start..end {
             self.progress.started.store(self.seq + 1, Ordering::Relaxed);
-            match &bad {
-                Some(msg) => wire::push_bad_input(&mut self.out, msg),
-                None => {
-                    if let Err(e) = tramp(f, value, raw, &mut items, Some(&mut self.out)) {
+            let ok = match &bad {
+                Some(msg) => {
+                    wire::push_bad_input(&mut self.out, msg);
+                    false
+                }
+                None => match tramp(f, value, raw, &mut items, Some(&mut self.out)) {
+                    Ok(ok) => ok,
+                    Err(e) => {
                         wire::push_bad_input(&mut self.out, &e);
                         bad = Some(e);
+                        false
                     }
-                }
-            }
-            frame.count += 1;
+                },
+            };
+            frame.entry(ok);
             self.progress
                 .finished
                 .store(self.seq + 1, Ordering::Relaxed);
@@ -231,10 +244,10 @@ impl Worker<'_> {
                     || sys::coarse_now_ns().wrapping_sub(self.last_flush) >= FLUSH_INTERVAL_NS)
             {
                 frame.close(&mut self.out);
-                if !self.flush() {
+                if !flush(self.sock, &mut self.out, &mut self.last_flush) {
                     return false;
                 }
-                frame = ResultsFrame::begin(&mut self.out, chunk, i + 1);
+                frame.begin(&mut self.out, chunk, i + 1);
             }
         }
         frame.close(&mut self.out);
@@ -243,15 +256,21 @@ impl Worker<'_> {
 
     /// Writes buffered results. `false` if the parent is gone.
     fn flush(&mut self) -> bool {
-        self.last_flush = sys::coarse_now_ns();
-        if self.out.is_empty() {
-            return true;
-        }
-        let ok = sys::write_all(self.sock, &self.out).is_ok();
-        self.out.clear();
-        if self.out.capacity() > 4 * FLUSH_BYTES {
-            self.out = Vec::with_capacity(64 * 1024);
-        }
-        ok
+        flush(self.sock, &mut self.out, &mut self.last_flush)
     }
+}
+
+/// Writes the buffered results `out` (the frames in it are closed) and
+/// notes the time. `false` if the parent is gone.
+fn flush(sock: BorrowedFd<'_>, out: &mut Vec<u8>, last_flush: &mut u64) -> bool {
+    *last_flush = sys::coarse_now_ns();
+    if out.is_empty() {
+        return true;
+    }
+    let ok = sys::write_all(sock, out).is_ok();
+    out.clear();
+    if out.capacity() > 4 * FLUSH_BYTES {
+        *out = Vec::with_capacity(64 * 1024);
+    }
+    ok
 }

@@ -13,6 +13,7 @@
 mod daemon;
 mod fd;
 mod fork;
+mod mem;
 mod pool;
 mod proc;
 mod server;
@@ -23,6 +24,7 @@ mod wait;
 pub(crate) use daemon::*;
 pub(crate) use fd::*;
 pub(crate) use fork::*;
+pub(crate) use mem::*;
 #[allow(unused_imports)]
 pub(crate) use pool::*;
 pub(crate) use proc::*;

@@ -88,8 +88,9 @@ impl Drop for SharedProgress {
 
 /// The signature of the pool's monomorphized trampolines: `(the user's
 /// function address, the decoded context, the raw context, the decoder
-/// over the chunk's items, the output buffer or `None` to skip the item) -> Err(message)` when an input item cannot be
-/// decoded. Defined here because its address crosses `fork` (see
+/// over the chunk's items, the output buffer or `None` to skip the item)
+/// -> `Ok(true)` for a value entry, `Ok(false)` for a failure entry (a
+/// panic), `Err(message)` when an input item cannot be decoded. Defined here because its address crosses `fork` (see
 /// [`fn_from_addr`]).
 pub(crate) type Trampoline = fn(
     usize,
@@ -97,7 +98,7 @@ pub(crate) type Trampoline = fn(
     Option<&[u8]>,
     &mut crate::codec::SeqDecoder<'_>,
     Option<&mut Vec<u8>>,
-) -> Result<(), String>;
+) -> Result<bool, String>;
 
 mod sealed {
     pub(crate) trait Sealed {}
