@@ -25,7 +25,10 @@ pub(crate) fn ensure_registered() {
 
 extern "C" fn at_exit() {
     // A panic must not cross the C boundary of atexit.
-    let _ = std::panic::catch_unwind(shutdown);
+    let _ = std::panic::catch_unwind(|| {
+        shutdown();
+        crate::daemon::remove_pid_file();
+    });
 }
 
 /// The at-exit finalizer, callable early: sends `SIGTERM` to every live

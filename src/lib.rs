@@ -132,9 +132,11 @@ pub use spawn::{spawn, JoinHandle};
 // Re-exports of the pool layer (issue 3).
 pub use pool::{AsyncResult, Imap, ImapUnordered, Pool, PoolBuilder};
 
-// Re-exports of the supervisor layer (issue 4).
+// The supervisor layer.
+pub use supervisor::{fork_processes, task_id, Role, Stopped, Supervisor};
 
-// Re-exports of the daemon layer (issue 4).
+// The daemon layer.
+pub use daemon::Daemon;
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

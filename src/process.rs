@@ -189,10 +189,15 @@ struct ChildSpec {
 /// the message), `n` after [`exit(n)`](crate::exit), and `-s` when a signal
 /// `s` killed it.
 ///
-/// Dropping a `Process` neither kills nor waits for the child. Finished
-/// children are reaped by the next [`start`](Process::start) or
-/// [`active_children`]; at the end of `main` the at-exit finalizer terminates
-/// daemonic children and joins the others (see [`shutdown`](crate::shutdown)).
+/// Dropping a `Process` neither kills nor waits for the child. A child whose
+/// handle was dropped while it ran is reaped as soon as it exits by a
+/// background thread of this crate (`multiproc-reaper`, started on the
+/// first such drop, sleeping on the children's pidfds): a fork-per-connection
+/// server that drops its handles leaves no zombie, even when idle, without a
+/// `SIGCHLD` handler. [`start`](Process::start) and [`active_children`] also
+/// reap finished children. At the end of `main` the at-exit finalizer
+/// terminates daemonic children and joins the others (see
+/// [`shutdown`](crate::shutdown)).
 ///
 /// ```
 /// use multiproc::Process;
@@ -379,6 +384,20 @@ impl Process {
     }
 }
 
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let running = child.popen.returncode().is_none();
+            // Release our reference first: the reaper looks for children
+            // that only the registry still holds.
+            drop(child);
+            if running {
+                reaper_notify();
+            }
+        }
+    }
+}
+
 impl fmt::Debug for Process {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Process")
@@ -464,7 +483,7 @@ static CHECK_EPOCH: OnceLock<Instant> = OnceLock::new();
 const THREAD_CHECK_INTERVAL_MS: u64 = 250;
 
 /// Warns once, through `log`, when a fork happens in a multi-threaded parent.
-fn warn_if_threaded() {
+pub(crate) fn warn_if_threaded() {
     if MULTI_THREAD_WARNED.load(Ordering::Relaxed) {
         return;
     }
@@ -474,8 +493,10 @@ fn warn_if_threaded() {
         return;
     }
     LAST_THREAD_CHECK_MS.store(now, Ordering::Relaxed);
-    let ours =
-        usize::from(FORK_THREAD_PID.load(Ordering::Relaxed) == sys::getpid().as_raw() as u32);
+    let me = sys::getpid().as_raw() as u32;
+    // The crate's own threads (the fork thread, the reaper) do not count.
+    let ours = usize::from(FORK_THREAD_PID.load(Ordering::Relaxed) == me)
+        + usize::from(REAPER.get().is_some_and(|(owner, _)| *owner == me));
     if let Ok(n) = sys::thread_count() {
         if n > 1 + ours && !MULTI_THREAD_WARNED.swap(true, Ordering::Relaxed) {
             log::warn!(
@@ -485,6 +506,83 @@ fn warn_if_threaded() {
                 n - ours
             );
         }
+    }
+}
+
+/// The reaper of this process: its pid (a forked child inherits the value
+/// but not the thread) and the write end of its wake pipe.
+static REAPER: sys::LeakedCell<(u32, std::os::fd::OwnedFd)> = sys::LeakedCell::new();
+static REAPER_INIT: Mutex<()> = Mutex::new(());
+/// How long the reaper sleeps at most (a sentinel *pipe*, on kernels
+/// without pidfds, can be held open by a sibling past the child's exit).
+const REAPER_SLICE: Duration = Duration::from_secs(1);
+
+/// Tells the reaper that a handle of a running child was dropped, starting
+/// the reaper if this process has none yet.
+fn reaper_notify() {
+    let pid = sys::getpid().as_raw() as u32;
+    let wake = match REAPER.get() {
+        Some((owner, w)) if *owner == pid => w,
+        _ => {
+            let Ok(_init) = REAPER_INIT.try_lock() else {
+                // Being started by another thread, which wakes it anyway.
+                return;
+            };
+            match REAPER.get() {
+                Some((owner, w)) if *owner == pid => w,
+                _ => match start_reaper() {
+                    Ok(w) => {
+                        REAPER.set((pid, w));
+                        &REAPER.get().expect("just set").1
+                    }
+                    Err(e) => {
+                        log::warn!("multiproc: cannot start the reaper thread: {e}");
+                        return;
+                    }
+                },
+            }
+        }
+    };
+    let _ = sys::write_all(std::os::fd::AsFd::as_fd(wake), &[1]);
+}
+
+/// Starts the reaper thread; returns the write end of its wake pipe.
+fn start_reaper() -> std::io::Result<std::os::fd::OwnedFd> {
+    let (wake_r, wake_w) = sys::pipe()?;
+    sys::set_nonblocking(std::os::fd::AsFd::as_fd(&wake_w))?;
+    sys::set_nonblocking(std::os::fd::AsFd::as_fd(&wake_r))?;
+    std::thread::Builder::new()
+        .name("multiproc-reaper".into())
+        .spawn(move || reaper_loop(wake_r))?;
+    Ok(wake_w)
+}
+
+/// Sleeps on the sentinels of the children nobody holds a handle to (and
+/// on the wake pipe), and reaps them as they exit.
+fn reaper_loop(wake: std::os::fd::OwnedFd) {
+    use std::os::fd::AsFd;
+    let mut buf = [0u8; 64];
+    loop {
+        // Only the registry holds these: their handles were dropped.
+        let orphans: Vec<Arc<Child>> = registry()
+            .iter()
+            .filter(|c| Arc::strong_count(c) == 1)
+            .cloned()
+            .collect();
+        let mut fds = vec![wake.as_fd()];
+        fds.extend(orphans.iter().map(|c| c.popen.sentinel()));
+        let timeout = if orphans.is_empty() {
+            None
+        } else {
+            Some(REAPER_SLICE)
+        };
+        if sys::poll_readable(&fds, timeout).is_err() {
+            std::thread::sleep(REAPER_SLICE);
+        }
+        while matches!(sys::read(wake.as_fd(), &mut buf), Ok(n) if n > 0) {}
+        drop(fds);
+        drop(orphans);
+        reap_finished();
     }
 }
 

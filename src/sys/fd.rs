@@ -74,27 +74,49 @@ pub(crate) fn close_raw(fd: RawFd) {
 }
 
 /// A read-only `/dev/null` opened once (in the parent, before the first
-/// fork), so that a child only needs one `dup2` to point stdin at it.
-static DEV_NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+/// fork), so that a child only needs one `dup2` to point stdin at it. A raw
+/// number (-1: not open) rather than a `OnceLock`, so that a daemon that
+/// closed every inherited fd can forget it ([`forget_dev_null`]).
+static DEV_NULL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// Opens the shared `/dev/null` if it is not open yet. Call before forking:
-/// the child then finds it without taking the `OnceLock`'s init path.
+/// the child then finds it open.
 pub(crate) fn prepare_dev_null() -> io::Result<()> {
-    if DEV_NULL.get().is_none() {
+    use std::os::fd::IntoRawFd;
+    use std::sync::atomic::Ordering;
+    if DEV_NULL.load(Ordering::Acquire) < 0 {
         let null = nix::fcntl::open(
             "/dev/null",
             OFlag::O_RDONLY | OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
         )?;
-        let _ = DEV_NULL.set(null);
+        let raw = null.into_raw_fd();
+        if DEV_NULL
+            .compare_exchange(-1, raw, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Another thread won the race: ours is surplus.
+            close_raw(raw);
+        }
     }
     Ok(())
+}
+
+/// Forgets the shared `/dev/null` fd after it was closed behind our back
+/// (a daemon closes every inherited fd); the next use opens a new one.
+pub(crate) fn forget_dev_null() {
+    DEV_NULL.store(-1, std::sync::atomic::Ordering::Release);
 }
 
 /// Points fd 0 at `/dev/null` (one `dup2` when [`prepare_dev_null`] ran).
 pub(crate) fn stdin_from_dev_null() -> io::Result<()> {
     prepare_dev_null()?;
-    if let Some(null) = DEV_NULL.get() {
+    let raw = DEV_NULL.load(std::sync::atomic::Ordering::Acquire);
+    if raw >= 0 {
+        // SAFETY: `raw` is the `/dev/null` fd opened above and never closed
+        // by this crate (only forgotten, after something else closed it,
+        // which resets the number first); borrowed for one `dup2`.
+        let null = unsafe { BorrowedFd::borrow_raw(raw) };
         nix::unistd::dup2_stdin(null)?;
     }
     Ok(())

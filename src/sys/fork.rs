@@ -14,6 +14,14 @@ pub(crate) fn in_forked_child() -> bool {
     IN_FORKED_CHILD.load(Ordering::Relaxed)
 }
 
+/// Marks the calling process as a program of its own rather than a task
+/// forked by this crate (the child of [`fork_returning`](super::fork_returning)):
+/// `multiproc::exit` then runs the at-exit handlers, and panics go through
+/// the usual hook.
+pub(crate) fn mark_main_process() {
+    IN_FORKED_CHILD.store(false, Ordering::Relaxed);
+}
+
 /// Flushes the std streams; errors (a closed stdout) are ignored on purpose.
 pub(crate) fn flush_std_streams() {
     let _ = io::stdout().flush();

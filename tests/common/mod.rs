@@ -266,3 +266,123 @@ pub fn run_ignored(name: &str, env: &[(&str, &str)], secs: u64) -> (bool, String
     let stdout = reader.join().unwrap();
     (status.success(), stdout)
 }
+
+/// Live (not zombie) children of `ppid`.
+pub fn live_children_of(ppid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let parent: u32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if parent == ppid && state != "Z" && state != "X" {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Open fds of process `pid`.
+pub fn fd_count_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A fresh empty directory for one test.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "multiproc-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Appends `line` to `path` in one `write` (O_APPEND: lines of several
+/// processes do not mix).
+pub fn append_line(path: &std::path::Path, line: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(format!("{line}\n").as_bytes()).unwrap();
+}
+
+/// The lines of `path` (none if it does not exist yet).
+pub fn read_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The path of example `name`, built by `cargo test` next to the test
+/// binaries (`target/<profile>/examples`); built on demand when only this
+/// test target was asked for.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--example", name]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "cannot build example {name}");
+    }
+    path
+}
+
+/// Spawns `cmd` with stdout piped and returns the child (killed and reaped
+/// on drop) and its first stdout line.
+pub fn spawn_with_first_line(mut cmd: Command) -> (ReapedChild, String) {
+    use std::io::BufRead;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = ReapedChild(cmd.spawn().unwrap());
+    let out = child.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut r = std::io::BufReader::new(out);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep draining so the child never blocks on a full pipe.
+        let _ = std::io::copy(&mut r, &mut std::io::sink());
+    });
+    let line = rx.recv_timeout(DEADLINE).expect("no first line in time");
+    (child, line)
+}
+
+/// Waits for the subprocess to exit, at most `deadline`.
+pub fn wait_child(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if start.elapsed() > deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
