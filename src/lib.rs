@@ -51,6 +51,22 @@
 //! to daemonic children and waits for the others, as Python does. Daemonic
 //! children also die with their parent if it is killed.
 //!
+//! A [`Pool`] maps plain `fn`s over items in forked workers, and survives a
+//! worker that crashes: only the item it was running fails.
+//!
+//! ```
+//! let pool = multiproc::Pool::new(2)?;
+//! assert_eq!(pool.map(|x: u64| x + 1, 0..4u64)?, vec![1, 2, 3, 4]);
+//! # Ok::<(), multiproc::Error>(())
+//! ```
+//!
+//! For servers: [`fork_processes`] and [`task_id`] (tornado's pre-fork
+//! model) on a [`Supervisor`] with signal forwarding, rolling restarts and a
+//! back-off; [`Daemon`] to detach into the background with a locked pid
+//! file. In those two, unlike everywhere else in the crate, the child
+//! *returns* into the caller: from the fork on, the child is the program
+//! (a server child, the daemon).
+//!
 //! # Fork safety
 //!
 //! After `fork` the child holds a copy of the parent's memory but only *one*
@@ -86,8 +102,9 @@
 //!
 //! # Caveats
 //! - Dropping a [`Process`] or [`JoinHandle`] does not kill or wait for the
-//!   child; finished children are reaped by the next [`Process::start`] or
-//!   [`active_children`] and at exit. The crate only ever waits for pids it
+//!   child; a background thread of the crate (`multiproc-reaper`, started by
+//!   the first such drop) reaps it when it exits, and [`Process::start`],
+//!   [`active_children`] and the finalizer reap too. The crate only ever waits for pids it
 //!   forked (never `waitpid(-1)`): children of [`std::process::Command`] or
 //!   other libraries keep their statuses.
 //! - `PR_SET_PDEATHSIG` (used for daemonic children) fires when the *thread*
