@@ -218,8 +218,7 @@ fn prog_grace() {
     }
 }
 
-#[test]
-fn sigterm_is_forwarded_and_a_stubborn_child_is_killed_after_the_grace() {
+fn stop_with(sig: Signal) {
     let dir = temp_dir("sup-grace");
     let mut cmd = self_command("prog_grace");
     cmd.env("MP_DIR", &dir);
@@ -232,7 +231,7 @@ fn sigterm_is_forwarded_and_a_stubborn_child_is_killed_after_the_grace() {
         .map(|l| l.split(' ').nth(2).unwrap().parse().unwrap())
         .collect();
     let t0 = Instant::now();
-    signal(parent, Signal::SIGTERM);
+    signal(parent, sig);
     let status = wait_child(&mut child.0, DEADLINE).expect("the supervisor returned");
     let took = t0.elapsed();
     let mut out = String::new();
@@ -245,10 +244,7 @@ fn sigterm_is_forwarded_and_a_stubborn_child_is_killed_after_the_grace() {
         .unwrap();
     assert!(status.success(), "{status} {out}");
     assert!(
-        out.contains(&format!(
-            "STOPPED Signal({}) live=0",
-            Signal::SIGTERM as i32
-        )),
+        out.contains(&format!("STOPPED Signal({}) live=0", sig as i32)),
         "{out}"
     );
     assert!(
@@ -257,6 +253,16 @@ fn sigterm_is_forwarded_and_a_stubborn_child_is_killed_after_the_grace() {
     );
     assert!(pids.iter().all(|&p| is_dead(p)), "no child left: {pids:?}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn sigterm_is_forwarded_and_a_stubborn_child_is_killed_after_the_grace() {
+    stop_with(Signal::SIGTERM);
+}
+
+#[test]
+fn sigint_is_forwarded_the_same_way() {
+    stop_with(Signal::SIGINT);
 }
 
 // ---------------------------------------------------------------------------
