@@ -147,6 +147,7 @@ pub struct Supervisor {
     backoff_initial: Duration,
     backoff_max: Duration,
     backoff_reset: Duration,
+    initializer: Option<fn(usize)>,
 }
 
 impl Supervisor {
@@ -160,7 +161,20 @@ impl Supervisor {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             backoff_reset: Duration::from_secs(10),
+            initializer: None,
         }
+    }
+
+    /// Runs `init(task_id)` in every new child before [`run`](Supervisor::run)
+    /// returns there: per-child setup (open a database connection, warm a
+    /// cache, reseed a generator). A child counts as started once it
+    /// returned; in a rolling restart the old child is only stopped after
+    /// its replacement's `init` is done (or the grace period passed). A
+    /// panic in `init` ends the child with status 1, which is restarted
+    /// with the back-off like any crash.
+    pub fn initializer(mut self, init: fn(usize)) -> Supervisor {
+        self.initializer = Some(init);
+        self
     }
 
     /// The most restarts allowed in the supervisor's life (`None`: no limit).
@@ -248,6 +262,9 @@ struct Running {
     pid: Pid,
     /// Its pidfd (`None` on kernels without pidfds: then the tick polls).
     pidfd: Option<OwnedFd>,
+    /// Readable once the child is running and initialized (a byte, or end
+    /// of file if it died first); `None` once seen.
+    ready: Option<OwnedFd>,
     started: Instant,
 }
 
@@ -292,6 +309,15 @@ impl State {
     /// Forks the child of task `id`. `Some(Role::Child)` in the child.
     fn start(&mut self, id: usize) -> Result<Option<Role>> {
         let parent = sys::getpid();
+        // The child closes (or writes to) its end once it is running and
+        // its initializer returned: the parent's "started" signal.
+        let (ready_r, ready_w) = match sys::pipe() {
+            Ok(p) => p,
+            Err(e) => {
+                self.abort_all();
+                return Err(e.into());
+            }
+        };
         // Held across the fork: the child clears its copy (the parent's
         // Process children are not the child's).
         let mut registry = process::registry();
@@ -305,6 +331,7 @@ impl State {
             Ok(None) => {
                 registry.clear();
                 drop(registry);
+                drop(ready_r);
                 // The supervisor's fds (signal pipe, siblings' pidfds) are
                 // closed when its state is dropped on the way out of `run`.
                 sys::reset_signals_in_child(&HANDLED);
@@ -313,10 +340,19 @@ impl State {
                     sys::exit_immediately(1);
                 }
                 TASK_ID.store(id, Ordering::Relaxed);
+                if let Some(init) = self.cfg.initializer {
+                    if crate::unwind::catch(move || init(id)).is_err() {
+                        sys::flush_std_streams();
+                        sys::exit_immediately(1);
+                    }
+                }
+                let _ = sys::write_all(ready_w.as_fd(), &[1]);
+                drop(ready_w);
                 Ok(Some(Role::Child(id)))
             }
             Ok(Some(pid)) => {
                 drop(registry);
+                drop(ready_w);
                 let pidfd = if sys::pidfd_supported() {
                     sys::pidfd_open(pid).ok()
                 } else {
@@ -327,10 +363,32 @@ impl State {
                 slot.child = Some(Running {
                     pid,
                     pidfd,
+                    ready: Some(ready_r),
                     started: Instant::now(),
                 });
                 slot.restart_at = None;
                 Ok(None)
+            }
+        }
+    }
+
+    /// Waits until the new child of task `id` is running and initialized
+    /// (or died, or the grace period passed, or a signal came in).
+    fn wait_started(&mut self, id: usize) -> Result<()> {
+        let deadline = Instant::now() + self.cfg.grace;
+        let Some(ready) = self.children[id]
+            .child
+            .as_mut()
+            .and_then(|r| r.ready.take())
+        else {
+            return Ok(());
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let fds = [ready.as_fd(), self.sig_r.as_fd()];
+            let got = sys::poll_readable(&fds, Some(left))?;
+            if got.is_empty() || got.contains(&0) || got.contains(&1) {
+                return Ok(());
             }
         }
     }
@@ -515,6 +573,7 @@ impl State {
                 if let Some(role) = self.start(id)? {
                     return Ok(Some(role));
                 }
+                self.wait_started(id)?;
                 let _ = sys::send_signal(old.pid, Sig::SIGTERM);
                 self.retiring.push((old, Instant::now() + self.cfg.grace));
                 break;

@@ -268,12 +268,22 @@ fn sigint_is_forwarded_the_same_way() {
 // ---------------------------------------------------------------------------
 // SIGHUP: a rolling restart keeps at least N-1 children serving.
 
+/// Runs in each new child before it counts as started: the moment it
+/// serves.
+fn log_up(id: usize) {
+    append_line(
+        &dir_from_env().join("log"),
+        &format!("up {id} {}", std::process::id()),
+    );
+}
+
 #[test]
 #[ignore]
 fn prog_roll() {
     let dir = dir_from_env();
     let role = Supervisor::new(3)
         .grace(Duration::from_secs(5))
+        .initializer(log_up)
         .run()
         .unwrap();
     match role {
@@ -284,10 +294,11 @@ fn prog_roll() {
             let mut set = nix::sys::signal::SigSet::empty();
             set.add(Signal::SIGTERM);
             set.thread_block().unwrap();
-            let log = dir.join("log");
-            append_line(&log, &format!("up {id} {}", std::process::id()));
             let _ = set.wait();
-            append_line(&log, &format!("down {id} {}", std::process::id()));
+            append_line(
+                &dir.join("log"),
+                &format!("down {id} {}", std::process::id()),
+            );
             child_exit(0)
         }
         Role::Parent(why) => println!("STOPPED {why:?}"),
