@@ -143,6 +143,9 @@ pub(crate) struct FrameReader {
     end: usize,
     limit: usize,
     greedy: bool,
+    /// The last `fill` got fewer bytes than it asked for: the fd had no
+    /// more for now.
+    drained: bool,
 }
 
 impl FrameReader {
@@ -153,6 +156,7 @@ impl FrameReader {
             end: 0,
             limit,
             greedy,
+            drained: false,
         }
     }
 
@@ -228,6 +232,13 @@ impl FrameReader {
         })
     }
 
+    /// Whether the last [`fill`](FrameReader::fill) read less than it asked
+    /// for, so that another read now would most likely find nothing (a
+    /// stream socket or pipe returns what it has).
+    pub(crate) fn drained(&self) -> bool {
+        self.drained
+    }
+
     /// One `read(2)` from `fd` into the buffer. A header over the limit is
     /// reported here, before the buffer grows for it.
     pub(crate) fn fill(&mut self, fd: BorrowedFd<'_>) -> Result<Fill> {
@@ -258,6 +269,7 @@ impl FrameReader {
                 Err(self.truncated())
             };
         }
+        self.drained = n < upto - self.end;
         self.end += n;
         Ok(Fill::Data)
     }

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
+
+use super::mailbox::MailSender;
 
 use super::wire::{self, FromWorker};
 use super::worker::{self, WorkerSpec};
@@ -62,7 +64,7 @@ pub(crate) enum Command {
     /// A new job: where its results go and how its items run.
     Job {
         id: u64,
-        tx: Sender<JobMsg>,
+        tx: MailSender<JobMsg>,
         f: usize,
         tramp: usize,
         ctx: Option<Vec<u8>>,
@@ -122,7 +124,7 @@ struct InFlight {
 }
 
 struct Job {
-    tx: Sender<JobMsg>,
+    tx: MailSender<JobMsg>,
     f: usize,
     tramp: usize,
     ctx: Option<Arc<Vec<u8>>>,
@@ -326,8 +328,10 @@ impl Dispatcher {
                 return;
             }
             if sys::poll_ready(&entries[0]).0 {
+                // One byte per burst of commands (see `Wake`): a short read
+                // empties the pipe.
                 let mut buf = [0u8; 64];
-                while matches!(sys::read(self.wake_r.as_fd(), &mut buf), Ok(n) if n > 0) {}
+                while matches!(sys::read(self.wake_r.as_fd(), &mut buf), Ok(n) if n == buf.len()) {}
                 self.wake.notified.store(false, Ordering::Release);
             }
             for (k, &slot) in index.iter().enumerate() {
@@ -393,7 +397,7 @@ impl Dispatcher {
                 ctx,
             } => {
                 if let Some((step, msg)) = &self.broken {
-                    let _ = tx.send(JobMsg::Abort(setup_error(step, msg)));
+                    tx.send(JobMsg::Abort(setup_error(step, msg)));
                     return;
                 }
                 self.jobs.insert(
@@ -566,7 +570,14 @@ impl Dispatcher {
     fn read_from(&mut self, w: &mut Worker) {
         for _ in 0..8 {
             match w.reader.fill(w.sock.as_fd()) {
-                Ok(Fill::Data) => self.frames(w),
+                Ok(Fill::Data) => {
+                    self.frames(w);
+                    // A short read took all there was: poll says when more
+                    // comes, no need for a read that fails with EAGAIN.
+                    if w.reader.drained() {
+                        return;
+                    }
+                }
                 Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e @ Error::Codec(_)) => return fault(w, e),
                 // End of file, or a reset (the worker exited with bytes
@@ -621,7 +632,7 @@ impl Dispatcher {
                     }
                     w.produced = true;
                     if let Some(job) = self.jobs.get(&c.job) {
-                        let _ = job.tx.send(JobMsg::Results {
+                        job.tx.send(JobMsg::Results {
                             base: c.base + u64::from(start),
                             count,
                             bytes: entries.to_vec(),
@@ -733,7 +744,7 @@ impl Dispatcher {
         }
         for (job, index, error) in failed {
             if let Some(j) = self.jobs.get(&job) {
-                let _ = j.tx.send(JobMsg::Failed { index, error });
+                j.tx.send(JobMsg::Failed { index, error });
             }
         }
         for mut piece in again.into_iter().rev() {
@@ -786,7 +797,7 @@ impl Dispatcher {
     fn abort_all(&mut self, step: &str, msg: &str) {
         self.pending.clear();
         for (_, j) in self.jobs.drain() {
-            let _ = j.tx.send(JobMsg::Abort(setup_error(step, msg)));
+            j.tx.send(JobMsg::Abort(setup_error(step, msg)));
         }
         for w in self.workers.iter_mut().flatten() {
             w.inflight.clear();
@@ -832,7 +843,7 @@ impl Dispatcher {
         }
         self.pending.clear();
         for (_, j) in self.jobs.drain() {
-            let _ = j.tx.send(JobMsg::Abort(Error::PoolClosed));
+            j.tx.send(JobMsg::Abort(Error::PoolClosed));
         }
     }
 }

@@ -87,6 +87,7 @@
 
 mod dispatcher;
 mod iter;
+mod mailbox;
 mod result;
 mod wire;
 mod worker;

@@ -6,7 +6,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use super::mailbox::{mailbox, MailReceiver, RecvTimeoutError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -22,7 +22,7 @@ use crate::sys::Slots;
 pub(crate) struct JobHandle {
     inner: Arc<Inner>,
     id: u64,
-    pub(crate) rx: Receiver<JobMsg>,
+    pub(crate) rx: MailReceiver<JobMsg>,
     /// Every result arrived (the dispatcher forgot the job by itself).
     pub(crate) finished: bool,
 }
@@ -39,7 +39,7 @@ impl JobHandle {
             return Err(Error::PoolClosed);
         }
         let id = inner.next_job();
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = mailbox();
         inner.send(Command::Job {
             id,
             tx,
@@ -229,7 +229,7 @@ impl<R: DeserializeOwned> Gather<R> {
                 break;
             };
             let msg = match deadline {
-                None => job.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                None => job.rx.recv(),
                 Some(d) => job.rx.recv_deadline(d),
             };
             match msg {
