@@ -355,18 +355,30 @@ fn read_report(fd: OwnedFd) -> Result<Report> {
 /// one. Returns the open, locked pid file.
 fn lock_pid_file(path: &Path) -> std::result::Result<OwnedFd, Report> {
     let step = |e: io::Error| failed("pid file", &e);
-    // Whoever holds the current file's lock is a running instance.
-    let current = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(path)
-        .map_err(step)?;
-    if !sys::try_lock_exclusive(current.as_fd()).map_err(step)? {
-        return Err(Report::AlreadyRunning(read_pid(path)));
-    }
+    // Whoever holds the current file's lock is a running instance. The file
+    // may be replaced (a starting instance renames its own over it) between
+    // our open and our lock: then the lock is on a dead inode, and we retry.
+    let mut attempts = 0;
+    let current = loop {
+        let current = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(path)
+            .map_err(step)?;
+        if !sys::try_lock_exclusive(current.as_fd()).map_err(step)? {
+            return Err(Report::AlreadyRunning(running_pid(path)));
+        }
+        if same_file(&current, path) {
+            break current;
+        }
+        attempts += 1;
+        if attempts == 100 {
+            return Err(step(io::Error::other("the pid file keeps being replaced")));
+        }
+    };
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path
         .file_name()
@@ -394,6 +406,30 @@ fn lock_pid_file(path: &Path) -> std::result::Result<OwnedFd, Report> {
         let _ = fs::remove_file(&tmp);
         step(e)
     })
+}
+
+/// Whether `file` is (still) the file at `path`.
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// The pid of the running instance that holds `path`'s lock. It may be
+/// between its lock and its rename, when the file still names a process
+/// that is gone: read again for up to 2 s while the pid names nobody.
+fn running_pid(path: &Path) -> u32 {
+    let mut pid = 0;
+    for _ in 0..200 {
+        pid = read_pid(path);
+        if pid != 0 && sys::pid_exists(sys::Pid::from_raw(pid as i32)) {
+            return pid;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    pid
 }
 
 fn read_pid(path: &Path) -> u32 {

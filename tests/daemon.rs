@@ -232,3 +232,36 @@ fn builder_debug_shows_the_settings() {
     let s = format!("{d:?}");
     assert!(s.contains("0o77") && s.contains("/tmp/x.pid"), "{s}");
 }
+
+#[test]
+fn racing_starts_make_exactly_one_daemon() {
+    let dir = temp_dir("daemon-race");
+    let mut guard = StopDaemon(dir.clone(), None);
+    let starters: Vec<_> = (0..4)
+        .map(|_| {
+            let d = dir.clone();
+            std::thread::spawn(move || {
+                let d2 = d.clone();
+                Daemon::new()
+                    .pid_file(d.join("r.pid"))
+                    .spawn(move || wait_for_stop(&d2))
+            })
+        })
+        .collect();
+    let results: Vec<_> = starters.into_iter().map(|h| h.join().unwrap()).collect();
+    let winners: Vec<u32> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    let pid = winners[0];
+    guard.1 = Some(pid);
+    for r in &results {
+        match r {
+            Ok(p) => assert_eq!(*p, pid),
+            Err(Error::AlreadyRunning { pid: p, .. }) => assert_eq!(*p, pid, "{results:?}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(read_pid_file(&dir.join("r.pid")), Some(pid));
+}
