@@ -23,7 +23,7 @@ use crate::sys::{self, SharedProgress};
 /// Socket buffer asked for each worker's socket pair.
 const SOCKET_BUFFER: usize = 4 << 20;
 /// Chunks in flight per worker while chunks take long; see [`DEEP`].
-const SHALLOW: usize = 1;
+const SHALLOW: usize = 2;
 /// Chunks in flight per worker once chunks are seen to finish in under
 /// [`FAST_CHUNK`]: enough to hide the round trip behind tiny tasks.
 const DEEP: usize = 32;
