@@ -228,6 +228,7 @@ impl Daemon {
                 if let Some(mut r) = registry.take() {
                     r.clear();
                 }
+                process::become_main_process();
                 drop(report_r);
                 // The middle child: a new session, then fork again so that
                 // the daemon is not a session leader and can never acquire a

@@ -74,6 +74,15 @@ pub fn current_process() -> ProcessInfo {
     }
 }
 
+/// Makes the calling process a main process of its own: a child of the
+/// supervisor or a daemon, which goes on running the program. It is
+/// `MainProcess` with its own pid, without a parent process, and without
+/// the children of the process it was forked from.
+pub(crate) fn become_main_process() {
+    IDENTITY.clear();
+    COUNTER.store(1, Ordering::Relaxed);
+}
+
 /// The process that forked this one, if this crate forked it (`None` in the
 /// main process).
 pub fn parent_process() -> Option<ProcessInfo> {
@@ -265,6 +274,7 @@ impl Process {
             return Err(Error::AlreadyStarted);
         };
         let parent = current_process();
+        let parent_pid = parent.pid;
         let spec = ChildSpec {
             identity: Box::new(Identity {
                 ident: self.ident.clone(),
@@ -276,7 +286,7 @@ impl Process {
                 parent,
             }),
             death_signal: self.daemon.then_some(Sig::SIGKILL),
-            parent_pid: sys::getpid().as_raw() as u32,
+            parent_pid,
             after_fork: AFTER_FORK.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         let child = if spec.death_signal.is_some() && !sys::is_main_thread() {

@@ -331,6 +331,7 @@ impl State {
             Ok(None) => {
                 registry.clear();
                 drop(registry);
+                process::become_main_process();
                 drop(ready_r);
                 // The supervisor's fds (signal pipe, siblings' pidfds) are
                 // closed when its state is dropped on the way out of `run`.

@@ -48,6 +48,10 @@ fn prog_restart() {
                 &dir.join("log"),
                 &format!("start {id} {} {:?}", std::process::id(), task_id()),
             );
+            let me = multiproc::current_process();
+            if me.pid() != std::process::id() || multiproc::parent_process().is_some() {
+                append_line(&dir.join("identity"), &format!("{me:?}"));
+            }
             if id == 0
                 && std::fs::OpenOptions::new()
                     .write(true)
@@ -93,6 +97,11 @@ fn crashed_child_restarts_with_the_same_id_and_all_exit_0_ends_supervision() {
     assert!(zero.iter().all(|l| l.ends_with("Some(0)")), "{log:?}");
     assert!(one[0].ends_with("Some(1)"), "{log:?}");
     assert_eq!(task_id(), None);
+    assert!(
+        read_lines(&dir.join("identity")).is_empty(),
+        "current_process() in a child is the child itself: {:?}",
+        read_lines(&dir.join("identity"))
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

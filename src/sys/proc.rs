@@ -44,6 +44,13 @@ impl<T: 'static> LeakedCell<T> {
         unsafe { p.as_ref() }
     }
 
+    /// Forgets the value (it stays leaked: references handed out stay
+    /// valid).
+    pub(crate) fn clear(&self) {
+        self.0
+            .store(std::ptr::null_mut(), std::sync::atomic::Ordering::Release);
+    }
+
     pub(crate) fn set(&self, value: T) {
         self.set_boxed(Box::new(value));
     }
