@@ -321,33 +321,34 @@ fn send_report(fd: &OwnedFd, report: &Report) {
     }
 }
 
+/// The largest report a daemon sends (a step name and an OS message).
+const MAX_REPORT: usize = 64 * 1024;
+
+/// Reads the daemon's one report frame. Stops at the frame's end rather
+/// than at end of file: another thread of the launcher may fork meanwhile,
+/// and its child would hold the pipe's write end open.
 fn read_report(fd: OwnedFd) -> Result<Report> {
     let mut file = File::from(fd);
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    if bytes.is_empty() {
-        return Err(Error::Setup {
-            step: "report".into(),
-            source: io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the daemon exited before reporting its setup",
-            ),
+    let broken = |kind: io::ErrorKind, what: &str| Error::Setup {
+        step: "report".into(),
+        source: io::Error::new(kind, what.to_string()),
+    };
+    let mut header = [0u8; codec::HEADER_LEN];
+    if let Err(e) = file.read_exact(&mut header) {
+        return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+            broken(e.kind(), "the daemon exited before reporting its setup")
+        } else {
+            Error::Io(e)
         });
     }
-    let truncated = || Error::Setup {
-        step: "report".into(),
-        source: io::Error::new(io::ErrorKind::InvalidData, "a truncated setup report"),
-    };
-    let header: [u8; codec::HEADER_LEN] = bytes
-        .get(..codec::HEADER_LEN)
-        .and_then(|h| h.try_into().ok())
-        .ok_or_else(truncated)?;
-    let len = usize::try_from(u64::from_le_bytes(header)).map_err(|_| truncated())?;
-    let payload = bytes
-        .get(codec::HEADER_LEN..)
-        .filter(|p| p.len() == len)
-        .ok_or_else(truncated)?;
-    codec::decode(payload)
+    let len = usize::try_from(u64::from_le_bytes(header))
+        .ok()
+        .filter(|&n| n <= MAX_REPORT)
+        .ok_or_else(|| broken(io::ErrorKind::InvalidData, "an oversize setup report"))?;
+    let mut payload = vec![0u8; len];
+    file.read_exact(&mut payload)
+        .map_err(|_| broken(io::ErrorKind::InvalidData, "a truncated setup report"))?;
+    codec::decode(&payload)
 }
 
 /// Takes the pid file: locks what is there (refusing a running instance),
