@@ -3,7 +3,7 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -57,6 +57,7 @@ pub struct Daemon {
     umask: u32,
     stdout: Option<PathBuf>,
     stderr: Option<PathBuf>,
+    keep_fds: Vec<RawFd>,
 }
 
 impl fmt::Debug for Daemon {
@@ -67,6 +68,7 @@ impl fmt::Debug for Daemon {
             .field("umask", &format_args!("{:#o}", self.umask))
             .field("stdout", &self.stdout)
             .field("stderr", &self.stderr)
+            .field("keep_fds", &self.keep_fds)
             .finish()
     }
 }
@@ -105,6 +107,7 @@ impl Daemon {
             umask: 0o022,
             stdout: None,
             stderr: None,
+            keep_fds: Vec::new(),
         }
     }
 
@@ -138,6 +141,14 @@ impl Daemon {
     /// Appends the daemon's stderr to this file (created if needed).
     pub fn stderr(mut self, path: impl AsRef<Path>) -> Daemon {
         self.stderr = Some(absolute(path.as_ref()));
+        self
+    }
+
+    /// Keeps `fd` open in the daemon (python-daemon's `files_preserve`):
+    /// a listening socket bound before detaching, a pipe to a supervisor.
+    /// Every other inherited fd but 0, 1, 2 and the pid file is closed.
+    pub fn keep_fd(mut self, fd: impl AsRawFd) -> Daemon {
+        self.keep_fds.push(fd.as_raw_fd());
         self
     }
 
@@ -283,6 +294,7 @@ impl Daemon {
             sys::redirect_stdio(target, file.as_fd()).map_err(|e| failed(step, &e))?;
         }
         let mut keep = vec![0, 1, 2, report.as_raw_fd()];
+        keep.extend_from_slice(&self.keep_fds);
         if let Some(fd) = &pid_fd {
             keep.push(fd.as_raw_fd());
         }

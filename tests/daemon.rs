@@ -265,3 +265,29 @@ fn racing_starts_make_exactly_one_daemon() {
     }
     assert_eq!(read_pid_file(&dir.join("r.pid")), Some(pid));
 }
+
+#[test]
+fn a_kept_fd_stays_open_in_the_daemon() {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let dir = temp_dir("daemon-keep");
+    let mut guard = StopDaemon(dir.clone(), None);
+    let (r, w) = std::io::pipe().unwrap();
+    let d2 = dir.clone();
+    let pid = Daemon::new()
+        .keep_fd(w.as_raw_fd())
+        .spawn(move || {
+            use std::io::Write;
+            let mut w = w;
+            let _ = writeln!(w, "kept {}", std::process::id());
+            drop(w);
+            wait_for_stop(&d2);
+        })
+        .unwrap();
+    guard.1 = Some(pid);
+    // The daemon writes through the fd it kept (a closed one would give
+    // EBADF there and nothing here).
+    let mut got = String::new();
+    std::io::BufReader::new(r).read_line(&mut got).unwrap();
+    assert_eq!(got, format!("kept {pid}\n"));
+}
