@@ -27,6 +27,12 @@ use crate::sys;
 /// launcher* (which can print it and exit non-zero) instead of the launcher
 /// exiting 0 while the daemon silently failed.
 ///
+/// Every fd but 0, 1, 2, the pid file and those passed to
+/// [`keep_fd`](Daemon::keep_fd) is closed in the daemon: a `File`, socket
+/// or `Pool` of the launcher that owned one must not be used there (its fd
+/// number may be reused by the next `open`). Build such things after
+/// `start` returns, or keep their fds.
+///
 /// The pid file is the truth only while it is locked: a second start against
 /// it fails with [`Error::AlreadyRunning`] (with the pid in it); a stale file
 /// left by a daemon that was killed is unlocked, and the next start replaces
