@@ -48,6 +48,21 @@ fn prog_restart() {
                 &dir.join("log"),
                 &format!("start {id} {} {:?}", std::process::id(), task_id()),
             );
+            // Default SIGHUP/SIGINT/SIGTERM, none blocked (/proc/self/status).
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let mask = |field: &str| -> u64 {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+                    .unwrap()
+            };
+            let ours: u64 = (1 << (1 - 1)) | (1 << (2 - 1)) | (1 << (15 - 1));
+            for field in ["SigBlk:", "SigIgn:", "SigCgt:"] {
+                if mask(field) & ours != 0 {
+                    append_line(&dir.join("signals"), &format!("{field} {:x}", mask(field)));
+                }
+            }
             let me = multiproc::current_process();
             if me.pid() != std::process::id() || multiproc::parent_process().is_some() {
                 append_line(&dir.join("identity"), &format!("{me:?}"));
@@ -97,6 +112,11 @@ fn crashed_child_restarts_with_the_same_id_and_all_exit_0_ends_supervision() {
     assert!(zero.iter().all(|l| l.ends_with("Some(0)")), "{log:?}");
     assert!(one[0].ends_with("Some(1)"), "{log:?}");
     assert_eq!(task_id(), None);
+    assert!(
+        read_lines(&dir.join("signals")).is_empty(),
+        "children start with default SIGHUP/SIGINT/SIGTERM, unblocked: {:?}",
+        read_lines(&dir.join("signals"))
+    );
     assert!(
         read_lines(&dir.join("identity")).is_empty(),
         "current_process() in a child is the child itself: {:?}",
@@ -485,4 +505,25 @@ fn stopped_reason_is_comparable() {
         Role::Parent(Stopped::Signal(15)),
         Role::Parent(Stopped::Signal(15))
     );
+}
+
+#[test]
+fn children_die_with_a_killed_supervisor() {
+    let dir = temp_dir("sup-killed");
+    let mut cmd = self_command("prog_roll");
+    cmd.env("MP_DIR", &dir);
+    let mut child = ReapedChild(cmd.spawn().unwrap());
+    let log = dir.join("log");
+    assert!(eventually(DEADLINE, || read_lines(&log).len() == 3));
+    let pids: Vec<u32> = read_lines(&log)
+        .iter()
+        .map(|l| l.split(' ').nth(2).unwrap().parse().unwrap())
+        .collect();
+    signal(child.0.id(), Signal::SIGKILL);
+    wait_child(&mut child.0, DEADLINE).expect("the supervisor is gone");
+    assert!(
+        eventually(DEADLINE, || pids.iter().all(|&p| is_dead(p))),
+        "PR_SET_PDEATHSIG took the children: {pids:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
