@@ -394,18 +394,30 @@ impl State {
         }
     }
 
-    fn pidfds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+    /// Every live child: the current one of each task id, and the old ones
+    /// of a rolling restart.
+    fn running(&self) -> impl Iterator<Item = &Running> {
         self.children
             .iter()
             .filter_map(|s| s.child.as_ref())
             .chain(self.retiring.iter().map(|(r, _)| r))
+    }
+
+    fn pidfds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.running()
             .filter_map(|r| r.pidfd.as_ref().map(|fd| fd.as_fd()))
+    }
+
+    /// How long to sleep at most without a deadline: forever when every
+    /// child has a pidfd to wake us, else the polling tick.
+    fn idle_timeout(&self) -> Option<Duration> {
+        self.running().any(|r| r.pidfd.is_none()).then_some(TICK)
     }
 
     /// Sleeps until a signal, a child's exit, or the next deadline.
     fn wait_for_event(&self) -> Result<()> {
         let now = Instant::now();
-        let mut timeout = TICK;
+        let mut timeout = self.idle_timeout();
         let deadlines = self
             .children
             .iter()
@@ -413,11 +425,12 @@ impl State {
             .chain(self.retiring.iter().map(|(_, kill_at)| *kill_at))
             .chain(self.stopping.map(|(_, kill_at)| kill_at));
         for d in deadlines {
-            timeout = timeout.min(d.saturating_duration_since(now));
+            let left = d.saturating_duration_since(now);
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
         }
         let mut fds: Vec<BorrowedFd<'_>> = vec![self.sig_r.as_fd()];
         fds.extend(self.pidfds());
-        sys::poll_readable(&fds, Some(timeout))?;
+        sys::poll_readable(&fds, timeout)?;
         Ok(())
     }
 
@@ -592,11 +605,7 @@ impl State {
     }
 
     fn live_pids(&self) -> impl Iterator<Item = Pid> + '_ {
-        self.children
-            .iter()
-            .filter_map(|s| s.child.as_ref())
-            .chain(self.retiring.iter().map(|(r, _)| r))
-            .map(|r| r.pid)
+        self.running().map(|r| r.pid)
     }
 
     /// Stops every child (SIGTERM, the grace, SIGKILL) and reaps them all.
@@ -607,8 +616,11 @@ impl State {
         }
         let deadline = Instant::now() + self.cfg.grace;
         let mut left = pids;
-        while !left.is_empty() {
+        loop {
             left.retain(|&pid| matches!(sys::try_wait(pid), Ok(None)));
+            if left.is_empty() {
+                break;
+            }
             if Instant::now() >= deadline {
                 for &pid in &left {
                     let _ = sys::send_signal(pid, Sig::SIGKILL);
@@ -616,9 +628,18 @@ impl State {
                 }
                 break;
             }
-            if !left.is_empty() {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            // Sleep on the pidfds (and the tick without them).
+            let until = deadline.saturating_duration_since(Instant::now());
+            // Only the unreaped ones: a reaped child's pidfd stays readable.
+            let fds: Vec<BorrowedFd<'_>> = self
+                .running()
+                .filter(|r| left.contains(&r.pid))
+                .filter_map(|r| r.pidfd.as_ref().map(|fd| fd.as_fd()))
+                .collect();
+            let _ = sys::poll_readable(
+                &fds,
+                Some(self.idle_timeout().map_or(until, |t| t.min(until))),
+            );
         }
         for slot in &mut self.children {
             slot.child = None;

@@ -1,4 +1,5 @@
-//! The crate's single fork site.
+//! The crate's fork sites: [`fork_child`] for tasks, [`fork_returning`] for
+//! a child that becomes the program; both on [`fork_with_std_locks`].
 
 use std::io::{self, Write};
 use std::mem;
@@ -28,39 +29,74 @@ pub(crate) fn flush_std_streams() {
     let _ = io::stderr().flush();
 }
 
-/// Forks. The parent gets the child's pid; the child runs `child` and leaves
-/// with `_exit(code)`: it never returns into the caller's stack.
+/// `fork` with the stdout and stderr locks held (stdout flushed) across it:
+/// no buffered text is duplicated into the child, and no other thread can be
+/// inside `println!` at the instant of the fork, which would leave those
+/// locks held forever in the child. Both sides release them right after the
+/// fork (in the child the forking thread is their owner, so releasing is
+/// legal). `Some(pid)` in the parent, `None` in the child.
 ///
-/// Around the fork the parent holds the stdout and stderr locks, flushed: no
-/// buffered text is duplicated into the child, and no other thread can be
-/// inside `println!` at the instant of the fork, which would leave those locks
-/// held forever in the child. Both sides release them right after the fork (in
-/// the child the forking thread is their owner, so releasing is legal).
-///
-/// Whatever else `child` captured (a registry guard, the user's target) is
-/// consumed in the child and dropped in the parent after the fork.
-pub(crate) fn fork_child<F: FnOnce() -> i32>(child: F) -> io::Result<Pid> {
+/// # Safety
+/// In the child, the caller must either never return into frames that
+/// belong to the parent's program (end in `_exit`, as [`fork_child`] does)
+/// or be a documented point where the child becomes the program (as
+/// [`fork_returning`](super::fork_returning) is). Before user code, the
+/// child must take no lock another thread of the parent could have held.
+unsafe fn fork_with_std_locks() -> io::Result<Option<Pid>> {
     let mut out = io::stdout().lock();
     let err = io::stderr().lock();
     let _ = out.flush();
+    // SAFETY: the caller upholds this function's contract for the child;
+    // the only locks this code holds across the fork are the two std
+    // stream locks, released on both sides below.
+    let forked = unsafe { nix::unistd::fork() };
+    drop(err);
+    drop(out);
+    match forked {
+        Err(e) => Err(e.into()),
+        Ok(ForkResult::Parent { child }) => Ok(Some(child)),
+        Ok(ForkResult::Child) => Ok(None),
+    }
+}
+
+/// Forks. The parent gets the child's pid; the child runs `child` and leaves
+/// with `_exit(code)`: it never returns into the caller's stack.
+///
+/// Stdout and stderr are handled as [`fork_with_std_locks`] says. Whatever
+/// else `child` captured (a registry guard, the user's target) is consumed
+/// in the child and dropped in the parent after the fork.
+pub(crate) fn fork_child<F: FnOnce() -> i32>(child: F) -> io::Result<Pid> {
     // SAFETY: the child arm runs `run_child`, whose type is `-> !`: it never
     // returns into the caller's frames and ends in `_exit`. Before the user's
-    // code it takes no lock that another parent thread could hold (the std
-    // stream locks are owned by this very thread across the fork).
-    match unsafe { nix::unistd::fork() } {
-        Err(e) => Err(e.into()),
-        Ok(ForkResult::Parent { child: pid }) => {
-            drop(err);
-            drop(out);
-            Ok(pid)
-        }
-        Ok(ForkResult::Child) => {
+    // code it takes no lock that another parent thread could hold.
+    match unsafe { fork_with_std_locks() }? {
+        Some(pid) => Ok(pid),
+        None => {
             IN_FORKED_CHILD.store(true, Ordering::Relaxed);
-            drop(err);
-            drop(out);
             run_child(child)
         }
     }
+}
+
+/// Forks a child that *returns* into the caller and goes on running the
+/// program: `Ok(None)` in the child, `Ok(Some(pid))` in the parent. This is
+/// the pre-fork model (`fork_processes` returns a task id in each child) and
+/// the daemon's (`Daemon::start` returns in the daemon), where the child is
+/// the program from then on, not a task that must end in `_exit`.
+///
+/// Stdout and stderr are handled as [`fork_with_std_locks`] says. The child
+/// is marked as a main process (see [`mark_main_process`]):
+/// `multiproc::exit` there ends the process with `std::process::exit`,
+/// running its at-exit handlers.
+pub(crate) fn fork_returning() -> io::Result<Option<Pid>> {
+    // SAFETY: the child returns into the caller's stack on purpose: the
+    // callers (the supervisor and the daemon) document that from here on the
+    // child *is* the program; a multi-threaded caller is warned about.
+    let forked = unsafe { fork_with_std_locks() }?;
+    if forked.is_none() {
+        mark_main_process();
+    }
+    Ok(forked)
 }
 
 /// Leaves the process with `_exit(70)` if a panic unwinds through it: the

@@ -1,54 +1,15 @@
 //! System calls of the server layers (the pre-fork supervisor and the
-//! daemon): a fork whose child goes on with the caller's program, the
-//! supervisor's signal self-pipe, and what a fresh program needs from the
-//! process (session, umask, cwd, fds).
+//! daemon): the supervisor's signal self-pipe, and what a fresh program
+//! needs from the process (session, umask, fds, a lock). Their fork site,
+//! `fork_returning`, is in `fork.rs` next to the crate's other one.
 
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
-use nix::unistd::{ForkResult, Pid};
-
-/// Forks a child that *returns* into the caller and goes on running the
-/// program: `Ok(None)` in the child, `Ok(Some(pid))` in the parent. This is
-/// the pre-fork model (`fork_processes` returns a task id in each child) and
-/// the daemon's (`Daemon::start` returns in the daemon), where the child is
-/// the program from then on, not a task that must end in `_exit`.
-///
-/// As [`fork_child`](super::fork_child) does, the stdout and stderr locks are
-/// held (flushed) across the fork, so no buffered text is duplicated and the
-/// child does not inherit them locked. The child is marked as a main
-/// process (see [`mark_main_process`]): `multiproc::exit` there ends the
-/// process with `std::process::exit`, running its at-exit handlers.
-pub(crate) fn fork_returning() -> io::Result<Option<Pid>> {
-    let mut out = io::stdout().lock();
-    let err = io::stderr().lock();
-    let _ = out.flush();
-    // SAFETY: the child returns into the caller's stack on purpose: the
-    // callers (the supervisor and the daemon) document that from here on the
-    // child *is* the program, and they are only called in a process whose
-    // other threads the caller has accounted for (a multi-threaded caller is
-    // warned about). The only locks the child can inherit held are the std
-    // stream locks, owned by this thread across the fork and released below
-    // on both sides.
-    match unsafe { nix::unistd::fork() } {
-        Err(e) => Err(e.into()),
-        Ok(ForkResult::Parent { child }) => {
-            drop(err);
-            drop(out);
-            Ok(Some(child))
-        }
-        Ok(ForkResult::Child) => {
-            drop(err);
-            drop(out);
-            super::mark_main_process();
-            Ok(None)
-        }
-    }
-}
 
 /// The write end of the supervisor's signal pipe (-1: none).
 static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
