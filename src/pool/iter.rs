@@ -130,10 +130,25 @@ impl<'a> Feeder<'a> {
         self.exhausted && self.received >= self.submitted
     }
 
-    /// The next message for this job; `None` if the pool is gone.
-    fn recv(&mut self) -> Option<JobMsg> {
-        let job = self.job.as_ref()?;
-        job.rx.recv().ok()
+    /// Waits for the job's next message and hands each result in it to
+    /// `put(index, result)`. `Err` when the job was aborted (or the pool is
+    /// gone): the caller fails what is still in flight.
+    fn receive<R: DeserializeOwned>(&mut self, mut put: impl FnMut(u64, Result<R>)) -> Result<()> {
+        let msg = self.job.as_ref().and_then(|job| job.rx.recv().ok());
+        match msg {
+            None => Err(Error::PoolClosed),
+            Some(JobMsg::Results { base, count, bytes }) => {
+                self.received += u64::from(count);
+                decode_results::<R>(base, count, &bytes, put);
+                Ok(())
+            }
+            Some(JobMsg::Failed { index, error }) => {
+                self.received += 1;
+                put(index, Err(error));
+                Ok(())
+            }
+            Some(JobMsg::Abort(e)) => Err(e),
+        }
     }
 
     /// Stops feeding (the pool stopped); returns how many items are lost.
@@ -191,16 +206,7 @@ impl<'a, R: DeserializeOwned> Imap<'a, R> {
     }
 
     fn place(&mut self, index: u64, r: Result<R>) {
-        let Some(off) = index.checked_sub(self.next) else {
-            return;
-        };
-        let off = off as usize;
-        if self.buffer.len() <= off {
-            self.buffer.resize_with(off + 1, || None);
-        }
-        if self.buffer[off].is_none() {
-            self.buffer[off] = Some(r);
-        }
+        place(&mut self.buffer, self.next, index, r);
     }
 
     fn abort(&mut self, e: &Error) {
@@ -241,23 +247,26 @@ impl<R: DeserializeOwned> Iterator for Imap<'_, R> {
             if self.next >= self.feeder.submitted && self.feeder.exhausted {
                 return None;
             }
-            match self.feeder.recv() {
-                None => self.abort(&Error::PoolClosed),
-                Some(JobMsg::Results { base, count, bytes }) => {
-                    self.feeder.received += u64::from(count);
-                    let mut got = Vec::new();
-                    decode_results::<R>(base, count, &bytes, |i, r| got.push((i, r)));
-                    for (i, r) in got {
-                        self.place(i, r);
-                    }
-                }
-                Some(JobMsg::Failed { index, error }) => {
-                    self.feeder.received += 1;
-                    self.place(index, Err(error));
-                }
-                Some(JobMsg::Abort(e)) => self.abort(&e),
+            let (buffer, next) = (&mut self.buffer, self.next);
+            if let Err(e) = self.feeder.receive(|i, r| place(buffer, next, i, r)) {
+                self.abort(&e);
             }
         }
+    }
+}
+
+/// Puts result `index` in `buffer`, which holds the results from index
+/// `next` on (the first copy of a result wins).
+fn place<R>(buffer: &mut VecDeque<Option<Result<R>>>, next: u64, index: u64, r: Result<R>) {
+    let Some(off) = index.checked_sub(next) else {
+        return;
+    };
+    let off = off as usize;
+    if buffer.len() <= off {
+        buffer.resize_with(off + 1, || None);
+    }
+    if buffer[off].is_none() {
+        buffer[off] = Some(r);
     }
 }
 
@@ -319,18 +328,9 @@ impl<R: DeserializeOwned> Iterator for ImapUnordered<'_, R> {
             if self.feeder.drained() {
                 return None;
             }
-            match self.feeder.recv() {
-                None => self.abort(&Error::PoolClosed),
-                Some(JobMsg::Results { base, count, bytes }) => {
-                    self.feeder.received += u64::from(count);
-                    let ready = &mut self.ready;
-                    decode_results::<R>(base, count, &bytes, |_, r| ready.push_back(r));
-                }
-                Some(JobMsg::Failed { error, .. }) => {
-                    self.feeder.received += 1;
-                    self.ready.push_back(Err(error));
-                }
-                Some(JobMsg::Abort(e)) => self.abort(&e),
+            let ready = &mut self.ready;
+            if let Err(e) = self.feeder.receive(|_, r| ready.push_back(r)) {
+                self.abort(&e);
             }
         }
     }

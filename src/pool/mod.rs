@@ -290,8 +290,11 @@ pub(crate) fn default_chunksize(len: usize, processes: usize) -> usize {
     len.div_ceil(4 * processes.max(1)).max(1)
 }
 
-fn tramp_addr(t: Trampoline) -> usize {
-    sys::fn_addr(t)
+/// The addresses a worker needs to run `f` over items: `f` itself and the
+/// trampoline monomorphized for `(T, R)`.
+fn map_task<T: DeserializeOwned, R: Serialize>(f: fn(T) -> R) -> (usize, usize) {
+    let tramp: Trampoline = worker::tramp_map::<T, R>;
+    (sys::fn_addr(f), sys::fn_addr(tramp))
 }
 
 impl Pool {
@@ -354,9 +357,8 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let tramp: Trampoline = worker::tramp_map::<T, R>;
-        self.gather(sys::fn_addr(f), tramp_addr(tramp), None, items, chunksize)?
-            .finish()
+        let (f, tramp) = map_task(f);
+        self.gather(f, tramp, None, items, chunksize)?.finish()
     }
 
     /// [`map`](Pool::map) with a shared context: `ctx` is encoded once and
@@ -389,7 +391,7 @@ impl Pool {
         let mut raw = Vec::new();
         crate::codec::encode_value(ctx, &mut raw)?;
         let tramp: Trampoline = worker::tramp_with::<C, T, R>;
-        self.gather(sys::fn_addr(f), tramp_addr(tramp), Some(raw), items, 0)?
+        self.gather(sys::fn_addr(f), sys::fn_addr(tramp), Some(raw), items, 0)?
             .finish()
     }
 
@@ -456,8 +458,8 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let tramp: Trampoline = worker::tramp_map::<T, R>;
-        let job = JobHandle::start(&self.inner, sys::fn_addr(f), tramp_addr(tramp), None);
+        let (f, tramp) = map_task(f);
+        let job = JobHandle::start(&self.inner, f, tramp, None);
         Imap::new(job, items.into_iter(), self.inner.processes, None)
     }
 
@@ -477,8 +479,8 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let tramp: Trampoline = worker::tramp_map::<T, R>;
-        let job = JobHandle::start(&self.inner, sys::fn_addr(f), tramp_addr(tramp), None);
+        let (f, tramp) = map_task(f);
+        let job = JobHandle::start(&self.inner, f, tramp, None);
         Imap::new(
             job,
             items.into_iter(),
@@ -507,8 +509,8 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let tramp: Trampoline = worker::tramp_map::<T, R>;
-        let job = JobHandle::start(&self.inner, sys::fn_addr(f), tramp_addr(tramp), None);
+        let (f, tramp) = map_task(f);
+        let job = JobHandle::start(&self.inner, f, tramp, None);
         ImapUnordered::new(job, items.into_iter(), self.inner.processes, None)
     }
 
@@ -539,15 +541,9 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned + Send + 'static,
     {
-        let tramp: Trampoline = worker::tramp_map::<T, R>;
+        let (f, tramp) = map_task(f);
         let g = self
-            .gather(
-                sys::fn_addr(f),
-                tramp_addr(tramp),
-                None,
-                std::iter::once(arg),
-                1,
-            )
+            .gather(f, tramp, None, std::iter::once(arg), 1)
             .unwrap_or_else(Gather::failed);
         AsyncResult::new(One(g))
     }
@@ -570,9 +566,9 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned + Send + 'static,
     {
-        let tramp: Trampoline = worker::tramp_map::<T, R>;
+        let (f, tramp) = map_task(f);
         let g = self
-            .gather(sys::fn_addr(f), tramp_addr(tramp), None, items, 0)
+            .gather(f, tramp, None, items, 0)
             .unwrap_or_else(Gather::failed);
         AsyncResult::new(All(g))
     }
