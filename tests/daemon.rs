@@ -54,14 +54,6 @@ fn prog_daemon() {
     multiproc::exit(0)
 }
 
-/// `/proc/<pid>/stat` fields after the command name: state is index 0,
-/// session is index 3.
-fn stat_field(pid: u32, index: usize) -> String {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    rest.split_whitespace().nth(index).unwrap().to_string()
-}
-
 fn read_pid_file(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -97,8 +89,8 @@ fn daemon_detaches_locks_its_pid_file_and_refuses_a_second_instance() {
     assert!(eventually(DEADLINE, || dir.join("ready").exists()));
 
     // A new session, but not its leader: getsid(0) != pid.
-    let sid: u32 = stat_field(pid, 3).parse().unwrap();
-    let my_sid: u32 = stat_field(std::process::id(), 3).parse().unwrap();
+    let sid: u32 = stat_fields(pid).unwrap()[3].parse().unwrap();
+    let my_sid: u32 = stat_fields(std::process::id()).unwrap()[3].parse().unwrap();
     assert_ne!(sid, pid, "the daemon is not a session leader");
     assert_ne!(sid, my_sid, "the daemon left the launcher's session");
 

@@ -299,11 +299,7 @@ fn close_join_and_pool_closed() {
         let pool = Pool::new(2).unwrap();
         assert!(matches!(pool.join(), Err(Error::Io(_))));
         let pending = pool.map_async(slow_pid, vec![100; 4]);
-        let workers: HashSet<u32> = pool
-            .map_chunked(slow_pid, vec![50; 4], 1)
-            .unwrap()
-            .into_iter()
-            .collect();
+        let workers = worker_pids(&pool);
         pool.close();
         assert!(matches!(pool.map(square, 0..3u64), Err(Error::PoolClosed)));
         assert!(matches!(pool.apply(square, 1), Err(Error::PoolClosed)));
@@ -322,15 +318,19 @@ fn close_join_and_pool_closed() {
     });
 }
 
+/// The pids of the workers that ran four 50 ms tasks, one per chunk.
+fn worker_pids(pool: &Pool) -> HashSet<u32> {
+    pool.map_chunked(slow_pid, vec![50; 4], 1)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 #[test]
 fn terminate_is_prompt_and_reaps() {
     within(60, || {
         let pool = Pool::new(2).unwrap();
-        let workers: HashSet<u32> = pool
-            .map_chunked(slow_pid, vec![50; 4], 1)
-            .unwrap()
-            .into_iter()
-            .collect();
+        let workers = worker_pids(&pool);
         let busy = pool.map_async(slow_pid, vec![60_000; 4]);
         std::thread::sleep(Duration::from_millis(100));
         let t0 = Instant::now();
@@ -349,11 +349,7 @@ fn terminate_is_prompt_and_reaps() {
 fn drop_terminates_and_reaps() {
     within(60, || {
         let pool = Pool::new(2).unwrap();
-        let workers: HashSet<u32> = pool
-            .map_chunked(slow_pid, vec![50; 4], 1)
-            .unwrap()
-            .into_iter()
-            .collect();
+        let workers = worker_pids(&pool);
         let _busy = pool.apply_async(slow_pid, 60_000);
         let t0 = Instant::now();
         drop(pool);

@@ -247,18 +247,33 @@ fn prog_grace() {
     }
 }
 
-fn stop_with(sig: Signal) {
-    let dir = temp_dir("sup-grace");
-    let mut cmd = self_command("prog_grace");
-    cmd.env("MP_DIR", &dir);
-    let mut child = ReapedChild(cmd.spawn().unwrap());
-    let parent = child.0.id();
-    let log = dir.join("log");
-    assert!(eventually(DEADLINE, || read_lines(&log).len() == 2));
-    let pids: Vec<u32> = read_lines(&log)
+/// Starts the supervisor program `name` (an ignored test of this binary)
+/// with `dir` as its `MP_DIR`.
+fn start_prog(name: &str, dir: &std::path::Path) -> ReapedChild {
+    let mut cmd = self_command(name);
+    cmd.env("MP_DIR", dir);
+    ReapedChild(cmd.spawn().unwrap())
+}
+
+/// Waits for `n` lines `<word> <id> <pid>` in `log`; their pids.
+fn logged_pids(log: &std::path::Path, n: usize) -> Vec<u32> {
+    assert!(
+        eventually(DEADLINE, || read_lines(log).len() >= n),
+        "{:?}",
+        read_lines(log)
+    );
+    read_lines(log)[..n]
         .iter()
         .map(|l| l.split(' ').nth(2).unwrap().parse().unwrap())
-        .collect();
+        .collect()
+}
+
+fn stop_with(sig: Signal) {
+    let dir = temp_dir("sup-grace");
+    let mut child = start_prog("prog_grace", &dir);
+    let parent = child.0.id();
+    let log = dir.join("log");
+    let pids = logged_pids(&log, 2);
     let t0 = Instant::now();
     signal(parent, sig);
     let status = wait_child(&mut child.0, DEADLINE).expect("the supervisor returned");
@@ -337,16 +352,10 @@ fn prog_roll() {
 #[test]
 fn sighup_rolls_the_children_one_by_one() {
     let dir = temp_dir("sup-roll");
-    let mut cmd = self_command("prog_roll");
-    cmd.env("MP_DIR", &dir);
-    let mut child = ReapedChild(cmd.spawn().unwrap());
+    let mut child = start_prog("prog_roll", &dir);
     let parent = child.0.id();
     let log = dir.join("log");
-    assert!(eventually(DEADLINE, || read_lines(&log).len() == 3));
-    let old: Vec<u32> = read_lines(&log)
-        .iter()
-        .map(|l| l.split(' ').nth(2).unwrap().parse().unwrap())
-        .collect();
+    let old = logged_pids(&log, 3);
     signal(parent, Signal::SIGHUP);
     // Three new children up, three old ones down and gone.
     let rolled = eventually(DEADLINE, || {
@@ -510,15 +519,9 @@ fn stopped_reason_is_comparable() {
 #[test]
 fn children_die_with_a_killed_supervisor() {
     let dir = temp_dir("sup-killed");
-    let mut cmd = self_command("prog_roll");
-    cmd.env("MP_DIR", &dir);
-    let mut child = ReapedChild(cmd.spawn().unwrap());
+    let mut child = start_prog("prog_roll", &dir);
     let log = dir.join("log");
-    assert!(eventually(DEADLINE, || read_lines(&log).len() == 3));
-    let pids: Vec<u32> = read_lines(&log)
-        .iter()
-        .map(|l| l.split(' ').nth(2).unwrap().parse().unwrap())
-        .collect();
+    let pids = logged_pids(&log, 3);
     signal(child.0.id(), Signal::SIGKILL);
     wait_child(&mut child.0, DEADLINE).expect("the supervisor is gone");
     assert!(

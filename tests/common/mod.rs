@@ -55,82 +55,126 @@ pub fn self_command(name: &str) -> Command {
 }
 
 /// Runs [`self_command`]`(name)` to its end; kills it if it runs past
-/// `deadline`.
+/// `deadline`. Its output is read to the end within the deadline too (a
+/// grandchild could hold the pipes open).
 pub fn run_self(name: &str, envs: &[(&str, &str)], deadline: Duration) -> Run {
     let mut cmd = self_command(name);
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let status = child.wait().unwrap();
-            panic!("{name} ran past its deadline of {deadline:?} ({status})");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let mut child = ReapedChild(cmd.spawn().unwrap());
+    let stdout = read_in_background(child.0.stdout.take().unwrap());
+    let stderr = read_in_background(child.0.stderr.take().unwrap());
+    let Some(status) = wait_child(&mut child.0, deadline) else {
+        panic!("{name} ran past its deadline of {deadline:?}");
+    };
+    let text = |rx: mpsc::Receiver<String>| {
+        rx.recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("{name}'s output did not end"))
     };
     Run {
         status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
+        stdout: text(stdout),
+        stderr: text(stderr),
     }
 }
 
-/// The pids of zombie processes whose parent is `ppid`.
-pub fn zombies_of(ppid: u32) -> Vec<u32> {
+/// Reads `pipe` to its end on a thread; the text arrives on the channel.
+fn read_in_background(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    rx
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold
+/// spaces and parentheses): the state is `[0]`, the parent `[1]`, the
+/// session `[3]`. `None` once the process is gone.
+pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// `(pid, state)` of every child of `ppid`.
+fn children_of(ppid: u32) -> Vec<(u32, String)> {
+    let parent = ppid.to_string();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...; comm may hold spaces and parentheses.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("");
-        let parent: u32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if parent == ppid && state == "Z" {
-            found.push(pid);
+        if let Some(f) = stat_fields(pid) {
+            if f.len() > 1 && f[1] == parent {
+                found.push((pid, f[0].clone()));
+            }
         }
     }
     found
 }
 
+fn is_dead_state(state: &str) -> bool {
+    state == "Z" || state == "X"
+}
+
+/// The pids of zombie processes whose parent is `ppid`.
+pub fn zombies_of(ppid: u32) -> Vec<u32> {
+    children_of(ppid)
+        .into_iter()
+        .filter(|(_, state)| state == "Z")
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Live (not zombie) children of `ppid`.
+pub fn live_children_of(ppid: u32) -> Vec<u32> {
+    children_of(ppid)
+        .into_iter()
+        .filter(|(_, state)| !is_dead_state(state))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Children of this process: `(live, zombies)`.
+pub fn children_of_self() -> (usize, usize) {
+    let all = children_of(std::process::id());
+    let zombies = all.iter().filter(|(_, state)| state == "Z").count();
+    let live = all
+        .iter()
+        .filter(|(_, state)| !is_dead_state(state))
+        .count();
+    (live, zombies)
+}
+
 /// Open fds of this process.
 pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count() - 1
+    // Less the one `read_dir` itself holds while counting.
+    fd_count_of(std::process::id()) - 1
+}
+
+/// Open fds of process `pid`.
+pub fn fd_count_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Whether `pid` is gone or a zombie (dead, maybe not yet reaped by init).
 pub fn is_dead(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rfind(')')
-            .map(|i| stat[i + 2..].starts_with('Z') || stat[i + 2..].starts_with('X'))
-            .unwrap_or(true),
-    }
+    stat_fields(pid).is_none_or(|f| f.first().is_none_or(|s| is_dead_state(s)))
+}
+
+/// Whether a process with this pid exists (a zombie counts as gone).
+pub fn pid_alive(pid: u32) -> bool {
+    !is_dead(pid)
+}
+
+/// Waits until `pid` is gone, at most `timeout`.
+pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    eventually(timeout, || is_dead(pid))
 }
 
 /// Waits until `cond` holds, checking every 10 ms, at most `deadline`.
@@ -165,60 +209,6 @@ pub fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 's
     }
 }
 
-/// Whether a process with this pid exists (a zombie counts as gone).
-pub fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            // The state follows the ")" that ends the command name.
-            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
-            !state.starts_with('Z') && !state.starts_with('X')
-        }
-        Err(_) => false,
-    }
-}
-
-/// Waits until `pid` is gone, at most `timeout`.
-pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if !pid_alive(pid) {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    !pid_alive(pid)
-}
-
-/// Children of this process: `(live, zombies)`.
-pub fn children_of_self() -> (usize, usize) {
-    let me = std::process::id().to_string();
-    let (mut live, mut zombies) = (0, 0);
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{name}/stat")) else {
-            continue;
-        };
-        let rest: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        if rest.len() > 1 && rest[1] == me {
-            if rest[0] == "Z" {
-                zombies += 1;
-            } else {
-                live += 1;
-            }
-        }
-    }
-    (live, zombies)
-}
-
 /// Kills (if still running) and reaps a subprocess on drop.
 pub struct ReapedChild(pub Child);
 
@@ -233,68 +223,8 @@ impl Drop for ReapedChild {
 /// `env`, and returns its exit success and stdout; fails the test after
 /// `secs` seconds.
 pub fn run_ignored(name: &str, env: &[(&str, &str)], secs: u64) -> (bool, String) {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        name,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = ReapedChild(cmd.spawn().unwrap());
-    let mut out = child.0.stdout.take().unwrap();
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let status = loop {
-        if let Some(st) = child.0.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            panic!("subprocess test {name} did not finish within {secs} s");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = reader.join().unwrap();
-    (status.success(), stdout)
-}
-
-/// Live (not zombie) children of `ppid`.
-pub fn live_children_of(ppid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("");
-        let parent: u32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if parent == ppid && state != "Z" && state != "X" {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// Open fds of process `pid`.
-pub fn fd_count_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    let run = run_self(name, env, Duration::from_secs(secs));
+    (run.status.success(), run.stdout)
 }
 
 /// A fresh empty directory for one test.
