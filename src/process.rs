@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -505,7 +505,7 @@ pub(crate) fn warn_if_threaded() {
     LAST_THREAD_CHECK_MS.store(now, Ordering::Relaxed);
     let me = sys::getpid().as_raw() as u32;
     // The crate's own threads (the fork thread, the reaper) do not count.
-    let ours = usize::from(FORK_THREAD_PID.load(Ordering::Relaxed) == me)
+    let ours = usize::from(FORK_THREAD.get().is_some_and(|(owner, _)| *owner == me))
         + usize::from(REAPER.get().is_some_and(|(owner, _)| *owner == me));
     if let Ok(n) = sys::thread_count() {
         if n > 1 + ours && !MULTI_THREAD_WARNED.swap(true, Ordering::Relaxed) {
@@ -530,30 +530,52 @@ const REAPER_SLICE: Duration = Duration::from_secs(1);
 /// Tells the reaper that a handle of a running child was dropped, starting
 /// the reaper if this process has none yet.
 fn reaper_notify() {
+    if let Some(wake) = per_process(&REAPER, &REAPER_INIT, start_reaper) {
+        let _ = sys::write_all(std::os::fd::AsFd::as_fd(wake), &[1]);
+    }
+}
+
+/// The value in `cell` that belongs to this process, made by `start` if
+/// there is none yet: a forked child inherits its parent's value (the pid
+/// says whose it is) but not the thread behind it. `None` if `start`
+/// failed, or if `init` stays locked: a child can inherit it locked from a
+/// parent that was starting its own, and must not hang on it.
+fn per_process<T>(
+    cell: &'static sys::LeakedCell<(u32, T)>,
+    init: &Mutex<()>,
+    start: impl FnOnce() -> std::io::Result<T>,
+) -> Option<&'static T> {
     let pid = sys::getpid().as_raw() as u32;
-    let wake = match REAPER.get() {
-        Some((owner, w)) if *owner == pid => w,
-        _ => {
-            let Ok(_init) = REAPER_INIT.try_lock() else {
-                // Being started by another thread, which wakes it anyway.
-                return;
-            };
-            match REAPER.get() {
-                Some((owner, w)) if *owner == pid => w,
-                _ => match start_reaper() {
-                    Ok(w) => {
-                        REAPER.set((pid, w));
-                        &REAPER.get().expect("just set").1
-                    }
-                    Err(e) => {
-                        log::warn!("multiproc: cannot start the reaper thread: {e}");
-                        return;
-                    }
-                },
-            }
-        }
+    let ours = || {
+        cell.get()
+            .filter(|(owner, _)| *owner == pid)
+            .map(|(_, v)| v)
     };
-    let _ = sys::write_all(std::os::fd::AsFd::as_fd(wake), &[1]);
+    for _ in 0..1000 {
+        if let Some(v) = ours() {
+            return Some(v);
+        }
+        // Another thread may be starting it: wait for that rather than miss
+        // it (the reaper must see the handle dropped just now).
+        let Ok(_init) = init.try_lock() else {
+            std::thread::yield_now();
+            continue;
+        };
+        if let Some(v) = ours() {
+            return Some(v);
+        }
+        return match start() {
+            Ok(v) => {
+                cell.set((pid, v));
+                ours()
+            }
+            Err(e) => {
+                log::warn!("multiproc: cannot start a crate thread: {e}");
+                None
+            }
+        };
+    }
+    None
 }
 
 /// Starts the reaper thread; returns the write end of its wake pipe.
@@ -605,8 +627,6 @@ static FORK_THREAD: sys::LeakedCell<(u32, crossbeam_channel::Sender<ForkJob>)> =
     sys::LeakedCell::new();
 /// Serializes the creation of the fork thread.
 static FORK_THREAD_INIT: Mutex<()> = Mutex::new(());
-/// The pid of the process that started the fork thread (0: none yet).
-static FORK_THREAD_PID: AtomicU32 = AtomicU32::new(0);
 
 /// Runs `job` on a thread that lives as long as the process.
 ///
@@ -617,40 +637,10 @@ static FORK_THREAD_PID: AtomicU32 = AtomicU32::new(0);
 /// children are forked from this one long-lived thread instead; children
 /// started from the main thread are forked right there.
 pub(crate) fn on_fork_thread<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) -> R {
-    let pid = sys::getpid().as_raw() as u32;
-    let tx = match FORK_THREAD.get() {
-        Some((owner, tx)) if *owner == pid => tx,
-        _ => {
-            // A child whose parent was mid-creation at the fork inherits this
-            // lock locked: fall back to forking in place rather than hang.
-            let Ok(_init) = FORK_THREAD_INIT.try_lock() else {
-                return job();
-            };
-            match FORK_THREAD.get() {
-                Some((owner, tx)) if *owner == pid => tx,
-                _ => {
-                    let (tx, rx) = crossbeam_channel::unbounded::<ForkJob>();
-                    let started = std::thread::Builder::new()
-                        .name("multiproc-fork".into())
-                        .stack_size(8 << 20)
-                        .spawn(move || {
-                            // A thread inherits its creator's signal mask;
-                            // children forked here must not start with
-                            // SIGTERM blocked.
-                            let _ = sys::unblock_all_signals();
-                            for job in rx {
-                                job();
-                            }
-                        });
-                    if started.is_err() {
-                        return job();
-                    }
-                    FORK_THREAD_PID.store(pid, Ordering::Release);
-                    FORK_THREAD.set((pid, tx));
-                    &FORK_THREAD.get().expect("just set").1
-                }
-            }
-        }
+    // Without the thread (it cannot start, or a child inherited its
+    // creation half done), fork in place rather than fail or hang.
+    let Some(tx) = per_process(&FORK_THREAD, &FORK_THREAD_INIT, start_fork_thread) else {
+        return job();
     };
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let job: ForkJob = Box::new(move || {
@@ -660,6 +650,23 @@ pub(crate) fn on_fork_thread<R: Send + 'static>(job: impl FnOnce() -> R + Send +
     done_rx
         .recv()
         .expect("the multiproc fork thread answers every job")
+}
+
+/// Starts the fork thread; returns its job queue.
+fn start_fork_thread() -> std::io::Result<crossbeam_channel::Sender<ForkJob>> {
+    let (tx, rx) = crossbeam_channel::unbounded::<ForkJob>();
+    std::thread::Builder::new()
+        .name("multiproc-fork".into())
+        .stack_size(8 << 20)
+        .spawn(move || {
+            // A thread inherits its creator's signal mask; children forked
+            // here must not start with SIGTERM blocked.
+            let _ = sys::unblock_all_signals();
+            for job in rx {
+                job();
+            }
+        })?;
+    Ok(tx)
 }
 
 #[cfg(test)]
