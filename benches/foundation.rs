@@ -5,24 +5,12 @@
 //! Run with `cargo bench --bench foundation`. One line per figure, in the
 //! form of `../shared/anchors`: `<id> <name> <key>=<median> reps=<n> min=<min> max=<max>`.
 
+mod common;
+
+use common::emit;
 use std::time::Instant;
 
 use multiproc::{spawn, Popen, Process};
-
-fn emit(id: &str, name: &str, key: &str, mut samples: Vec<f64>) {
-    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = samples.len();
-    let median = if n % 2 == 1 {
-        samples[n / 2]
-    } else {
-        (samples[n / 2 - 1] + samples[n / 2]) / 2.0
-    };
-    println!(
-        "{id} {name} {key}={median:.1} reps={n} min={:.1} max={:.1}",
-        samples[0],
-        samples[n - 1]
-    );
-}
 
 fn time_each(reps: usize, mut op: impl FnMut()) -> Vec<f64> {
     (0..reps)
@@ -50,15 +38,15 @@ fn main() {
         let p = Popen::fork(|| 0).unwrap();
         assert_eq!(p.wait(None).unwrap(), Some(0));
     });
-    emit("F0", "popen_fork_wait", "us", popen);
+    emit("F0", "popen_fork_wait", "us", &popen, 1);
     let process = time_each(reps, || {
         let mut p = Process::new(|| {});
         p.start().unwrap();
         assert_eq!(p.join().unwrap(), 0);
     });
-    emit("F1", "process_start_join", "us", process);
+    emit("F1", "process_start_join", "us", &process, 1);
     let spawned = time_each(reps, || {
         assert_eq!(spawn(|| 1u64).unwrap().join().unwrap(), 1);
     });
-    emit("F2", "spawn_roundtrip_u64", "us", spawned);
+    emit("F2", "spawn_roundtrip_u64", "us", &spawned, 1);
 }

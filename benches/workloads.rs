@@ -7,6 +7,9 @@
 //! as the anchors so the outputs pair line by line. 2 worker processes.
 //! An optional argument scales the repetitions (`-- 3`).
 
+mod common;
+
+use common::emit;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -14,22 +17,6 @@ use multiproc::{Pool, Process};
 use serde_bytes::ByteBuf;
 
 const MIB: usize = 1 << 20;
-
-fn emit(workload: &str, name: &str, key: &str, values: &[f64], decimals: usize) {
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    println!(
-        "{workload} {name} {key}={median:.decimals$} reps={n} min={:.decimals$} max={:.decimals$}",
-        v[0],
-        v[n - 1]
-    );
-}
 
 fn square(x: u64) -> u64 {
     x * x
