@@ -190,7 +190,7 @@ impl Daemon {
             Launched::Daemon => {
                 let code = match crate::unwind::catch(f) {
                     Ok(()) => 0,
-                    Err(_) => 1,
+                    Err(_) => crate::exitcode::PANICKED,
                 };
                 crate::finalize::shutdown();
                 remove_pid_file();
@@ -205,6 +205,9 @@ impl Daemon {
         crate::unwind::install_hook();
         process::warn_if_threaded();
         let (report_r, report_w) = sys::pipe()?;
+        // The after-fork hooks, copied out of their lock before the fork;
+        // no death signal: a daemon outlives its launcher.
+        let init = process::ChildInit::prepare(None);
         // Held across the fork: the daemon clears its copy (the launcher's
         // `Process` children are not the daemon's).
         let registry = process::registry();
@@ -242,6 +245,8 @@ impl Daemon {
                 }
             }
             None => {
+                // The middle child: forget the launcher's children, become
+                // a main process (the daemon runs the hooks, below).
                 if let Some(mut r) = registry.take() {
                     r.clear();
                 }
@@ -267,6 +272,7 @@ impl Daemon {
                     Ok(()) => {
                         send_report(&report_w, &Report::Up(std::process::id()));
                         drop(report_w);
+                        init.run_hooks();
                         Ok(Launched::Daemon)
                     }
                     Err(report) => {

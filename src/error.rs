@@ -215,7 +215,9 @@ impl std::error::Error for CodecError {}
 
 /// `" (SIGKILL)"` for a negative exit code that names a signal.
 pub(crate) fn signal_suffix(exitcode: i32) -> String {
-    if exitcode < 0 {
+    if exitcode == crate::exitcode::UNKNOWN {
+        " (unknown: its status was reaped elsewhere)".to_string()
+    } else if exitcode < 0 {
         match nix::sys::signal::Signal::try_from(-exitcode) {
             Ok(sig) => format!(" ({})", sig.as_str()),
             Err(_) => String::new(),

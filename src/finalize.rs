@@ -3,8 +3,9 @@
 use std::sync::Once;
 use std::time::Duration;
 
+use crate::popen::{self, Popen};
 use crate::process;
-use crate::sys;
+use crate::sys::{self, Sig};
 
 /// How long a daemonic child gets between `SIGTERM` and `SIGKILL` at exit.
 pub const DAEMON_GRACE: Duration = Duration::from_secs(2);
@@ -33,7 +34,8 @@ extern "C" fn at_exit() {
 
 /// The at-exit finalizer, callable early: sends `SIGTERM` to every live
 /// daemonic child (then `SIGKILL` to those still alive after
-/// [`DAEMON_GRACE`]), then waits for every other child of this process.
+/// [`DAEMON_GRACE`], one grace period for them all), then waits for every
+/// other child of this process.
 ///
 /// It runs by itself when `main` returns or `std::process::exit` is called
 /// (registered with `atexit` on the first fork), and at the end of every
@@ -53,18 +55,15 @@ extern "C" fn at_exit() {
 pub fn shutdown() {
     process::reap_finished();
     let children = process::children();
-    for c in children.iter().filter(|c| c.info.daemon()) {
-        let _ = c.popen.terminate();
-    }
-    for c in &children {
-        if c.info.daemon() {
-            if !matches!(c.popen.wait(Some(DAEMON_GRACE)), Ok(Some(_))) {
-                let _ = c.popen.kill();
-                let _ = c.popen.wait(None);
-            }
-        } else {
-            let _ = c.popen.wait(None);
-        }
+    // One grace for all the daemonic children, not one each.
+    let daemonic: Vec<&Popen> = children
+        .iter()
+        .filter(|c| c.info.daemon())
+        .map(|c| &c.popen)
+        .collect();
+    popen::stop_all(&daemonic, Sig::SIGTERM, DAEMON_GRACE);
+    for c in children.iter().filter(|c| !c.info.daemon()) {
+        let _ = c.popen.wait(None);
     }
     process::reap_finished();
 }

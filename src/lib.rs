@@ -126,6 +126,7 @@ mod codec;
 mod connection;
 mod daemon;
 mod error;
+pub mod exitcode;
 mod finalize;
 mod pool;
 mod popen;

@@ -56,7 +56,7 @@ impl Popen {
     /// reaped before the error is returned).
     pub fn fork<F: FnOnce() -> i32>(child: F) -> Result<Popen> {
         unwind::install_hook();
-        Popen::fork_raw(move || unwind::catch(child).unwrap_or(1))
+        Popen::fork_raw(move || unwind::catch(child).unwrap_or(crate::exitcode::PANICKED))
     }
 
     /// Forks a child that runs `child`; the closure's value is the exit code.
@@ -98,6 +98,49 @@ impl Popen {
         })
     }
 
+    /// Forks a child that *returns* into the caller and goes on running the
+    /// program (see `sys::fork_returning`): `Ok(None)` in the child, the
+    /// child's `Popen` in the parent. The supervisor's fork site.
+    pub(crate) fn fork_program() -> Result<Option<Popen>> {
+        let use_pidfd = sys::pidfd_supported();
+        let (pipe_r, pipe_w) = if use_pidfd {
+            (None, None)
+        } else {
+            let (r, w) = sys::pipe()?;
+            (Some(r), Some(w))
+        };
+        let Some(pid) = sys::fork_returning()? else {
+            // Child: the sentinel's write end stays open until we exit.
+            drop(pipe_r);
+            mem::forget(pipe_w);
+            return Ok(None);
+        };
+        drop(pipe_w);
+        let sentinel = match pipe_r {
+            Some(r) => r,
+            None => match sys::pidfd_open(pid) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    let _ = sys::send_signal(pid, Sig::SIGKILL);
+                    let _ = sys::wait_blocking(pid);
+                    return Err(e.into());
+                }
+            },
+        };
+        Ok(Some(Popen {
+            pid,
+            sentinel,
+            pidfd: use_pidfd,
+            returncode: Mutex::new(None),
+        }))
+    }
+
+    /// Whether the sentinel is a pidfd (else a pipe, which a grandchild can
+    /// hold open past the child's exit).
+    pub(crate) fn has_pidfd(&self) -> bool {
+        self.pidfd
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.pid.as_raw() as u32
@@ -117,9 +160,12 @@ impl Popen {
     /// `waitpid(pid, WNOHANG)`: `Ok(None)` while the child runs, its exit
     /// code once it has exited (reaping it on the first such call).
     ///
+    /// A child whose status something else took (a `waitpid(-1)` elsewhere
+    /// in the program, or `SIGCHLD` set to `SIG_IGN`) counts as exited with
+    /// [`exitcode::UNKNOWN`](crate::exitcode::UNKNOWN).
+    ///
     /// # Errors
-    /// [`Error::Io`] (`ECHILD`) if something else reaped the pid, for example
-    /// a `waitpid(-1)` elsewhere in the program.
+    /// [`Error::Io`] if `waitpid` fails for another reason (it should not).
     pub fn poll(&self) -> Result<Option<i32>> {
         let mut rc = self.lock();
         if rc.is_none() {
@@ -201,6 +247,44 @@ impl Popen {
     /// epoll, mio or tokio's `AsyncFd`; see also [`wait`](crate::wait).
     pub fn sentinel(&self) -> BorrowedFd<'_> {
         self.sentinel.as_fd()
+    }
+}
+
+/// Stops `children` together: sends each `first` (not to those already
+/// reaped), waits for them all until *one* deadline `grace` from now,
+/// sleeping on their sentinels, then sends `SIGKILL` to those still alive
+/// and reaps them. With `first = SIGKILL` and no grace it kills and reaps.
+/// The at-exit finalizer, the supervisor and the pool all stop their
+/// children with it.
+pub(crate) fn stop_all(children: &[&Popen], first: Sig, grace: Duration) {
+    for c in children {
+        let _ = c.send_signal(first);
+    }
+    let deadline = Instant::now().checked_add(grace);
+    let mut left: Vec<&Popen> = children.to_vec();
+    loop {
+        left.retain(|c| matches!(c.poll(), Ok(None)));
+        if left.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+        let mut timeout = deadline.map(|d| d - now);
+        if left.iter().any(|c| !c.pidfd) {
+            timeout = Some(timeout.map_or(PIPE_SENTINEL_SLICE, |t| t.min(PIPE_SENTINEL_SLICE)));
+        }
+        let fds: Vec<BorrowedFd<'_>> = left.iter().map(|c| c.sentinel()).collect();
+        if sys::poll_readable(&fds, timeout).is_err() {
+            break;
+        }
+    }
+    for c in &left {
+        let _ = c.kill();
+    }
+    for c in &left {
+        let _ = c.wait(None);
     }
 }
 

@@ -181,10 +181,79 @@ type Target = Box<dyn FnOnce() + Send + 'static>;
 struct ChildSpec {
     /// The child's identity, boxed in the parent, published by the child.
     identity: Box<Identity>,
+    /// What every child of the crate does first (see [`ChildInit`]).
+    init: ChildInit,
+    /// Listed in the registry (see [`Process::unregistered`]).
+    registered: bool,
+}
+
+/// The part of a child's start that every child of this crate shares (a
+/// `Process` or pool worker, a supervisor child, a daemon), prepared in the
+/// parent before the fork and run in the child right after it: the death
+/// signal with its check that the parent is still there, then the
+/// [`register_after_fork`] hooks. The hooks are copied out of their lock in
+/// the parent: the child takes no lock.
+pub(crate) struct ChildInit {
     /// Children that must die with this process get `PR_SET_PDEATHSIG`.
     death_signal: Option<Sig>,
     parent_pid: u32,
     after_fork: Vec<fn()>,
+}
+
+impl ChildInit {
+    /// In the parent, before the fork.
+    pub(crate) fn prepare(death_signal: Option<Sig>) -> ChildInit {
+        ChildInit {
+            death_signal,
+            parent_pid: sys::getpid().as_raw() as u32,
+            after_fork: AFTER_FORK.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+
+    /// In the child: arranges the death signal. Returns the exit code to
+    /// leave with if the child must not go on: [`exitcode::SETUP_FAILED`]
+    /// if `prctl` failed, [`exitcode::PANICKED`]'s 1 after sending itself
+    /// the death signal if the parent died before `prctl` ran.
+    ///
+    /// [`exitcode::SETUP_FAILED`]: crate::exitcode::SETUP_FAILED
+    /// [`exitcode::PANICKED`]: crate::exitcode::PANICKED
+    pub(crate) fn die_with_parent(&self) -> std::result::Result<(), i32> {
+        if let Some(sig) = self.death_signal {
+            if sys::set_parent_death_signal(sig).is_err() {
+                return Err(crate::exitcode::SETUP_FAILED);
+            }
+            // The parent may have died before prctl ran: then no signal comes.
+            if sys::getppid().as_raw() as u32 != self.parent_pid {
+                let _ = sys::send_signal(sys::getpid(), sig);
+                return Err(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// In the child, just before its target: the after-fork hooks, in
+    /// registration order.
+    pub(crate) fn run_hooks(self) {
+        for hook in self.after_fork {
+            hook();
+        }
+    }
+
+    /// In a child that becomes the program (a supervisor child, a daemon):
+    /// forget the parent's children (`registry` is the guard held across
+    /// the fork, if any), become `MainProcess`, the death signal, the hooks.
+    pub(crate) fn become_program(
+        self,
+        registry: Option<MutexGuard<'static, Vec<Arc<Child>>>>,
+    ) -> std::result::Result<(), i32> {
+        if let Some(mut r) = registry {
+            r.clear();
+        }
+        become_main_process();
+        self.die_with_parent()?;
+        self.run_hooks();
+        Ok(())
+    }
 }
 
 /// A process running a closure, created with [`Process::new`] and started with
@@ -222,6 +291,9 @@ pub struct Process {
     ident: String,
     name: String,
     daemon: bool,
+    /// Listed in the registry (`active_children`, the at-exit finalizer).
+    /// Pool workers are not: decided before the fork, never undone.
+    registered: bool,
     child: Option<Arc<Child>>,
 }
 
@@ -240,8 +312,18 @@ impl Process {
             name: format!("Process-{ident}"),
             ident,
             daemon: false,
+            registered: true,
             child: None,
         }
+    }
+
+    /// Keeps the child out of the registry: it is never listed by
+    /// [`active_children`], signalled by the at-exit finalizer or reaped by
+    /// the reaper thread. For children another part of the crate owns and
+    /// reaps (pool workers).
+    pub(crate) fn unregistered(mut self) -> Process {
+        self.registered = false;
+        self
     }
 
     /// Sets the process's name (shown by [`current_process`] in the child,
@@ -274,7 +356,6 @@ impl Process {
             return Err(Error::AlreadyStarted);
         };
         let parent = current_process();
-        let parent_pid = parent.pid;
         let spec = ChildSpec {
             identity: Box::new(Identity {
                 ident: self.ident.clone(),
@@ -285,11 +366,10 @@ impl Process {
                 },
                 parent,
             }),
-            death_signal: self.daemon.then_some(Sig::SIGKILL),
-            parent_pid,
-            after_fork: AFTER_FORK.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            init: ChildInit::prepare(self.daemon.then_some(Sig::SIGKILL)),
+            registered: self.registered,
         };
-        let child = if spec.death_signal.is_some() && !sys::is_main_thread() {
+        let child = if spec.init.death_signal.is_some() && !sys::is_main_thread() {
             // A child that must die with the process, asked for from a thread
             // that may end before it: fork on the fork thread (see
             // `on_fork_thread`).
@@ -309,7 +389,9 @@ impl Process {
     ///
     /// # Errors
     /// [`Error::NotStarted`] before [`start`](Process::start); [`Error::Io`]
-    /// if waiting fails (`ECHILD` if something else reaped the child).
+    /// if waiting fails. A child whose status something else reaped (a
+    /// `waitpid(-1)` elsewhere, `SIGCHLD` ignored) gives
+    /// [`exitcode::UNKNOWN`](crate::exitcode::UNKNOWN).
     pub fn join(&self) -> Result<i32> {
         let child = self.child()?;
         let code = child
@@ -431,6 +513,7 @@ fn fork_registered(spec: ChildSpec, target: Target) -> Result<Arc<Child>> {
     // the child's copy is owned by the forking thread and the bootstrap can
     // release it. In the parent the closure (and the guard) is dropped right
     // after the fork.
+    let registered = spec.registered;
     let guard = registry();
     let popen = Popen::fork_raw(move || bootstrap(guard, spec, target))?;
     let child = Arc::new(Child {
@@ -440,7 +523,9 @@ fn fork_registered(spec: ChildSpec, target: Target) -> Result<Arc<Child>> {
         },
         popen,
     });
-    registry().push(Arc::clone(&child));
+    if registered {
+        registry().push(Arc::clone(&child));
+    }
     Ok(child)
 }
 
@@ -457,28 +542,20 @@ fn bootstrap(
     drop(registry);
     COUNTER.store(1, Ordering::Relaxed);
     let me = sys::getpid().as_raw() as u32;
-    if let Some(sig) = spec.death_signal {
-        if sys::set_parent_death_signal(sig).is_err() {
-            return 71;
-        }
-        // The parent may have died before prctl ran: then no signal comes.
-        if sys::getppid().as_raw() as u32 != spec.parent_pid {
-            let _ = sys::send_signal(sys::getpid(), sig);
-            return 1;
-        }
+    if let Err(code) = spec.init.die_with_parent() {
+        return code;
     }
     sys::set_os_name(&spec.identity.info.name);
     spec.identity.info.pid = me;
     IDENTITY.set_boxed(spec.identity);
     let _ = sys::stdin_from_dev_null();
+    let init = spec.init;
     let code = match unwind::catch(move || {
-        for hook in spec.after_fork {
-            hook();
-        }
+        init.run_hooks();
         target()
     }) {
         Ok(()) => 0,
-        Err(_) => 1,
+        Err(_) => crate::exitcode::PANICKED,
     };
     crate::finalize::shutdown();
     code
@@ -522,7 +599,7 @@ pub(crate) fn warn_if_threaded() {
 /// The reaper of this process: its pid (a forked child inherits the value
 /// but not the thread) and the write end of its wake pipe.
 static REAPER: sys::LeakedCell<(u32, std::os::fd::OwnedFd)> = sys::LeakedCell::new();
-static REAPER_INIT: Mutex<()> = Mutex::new(());
+static REAPER_INIT: StartState = StartState::new();
 /// How long the reaper sleeps at most (a sentinel *pipe*, on kernels
 /// without pidfds, can be held open by a sibling past the child's exit).
 const REAPER_SLICE: Duration = Duration::from_secs(1);
@@ -535,14 +612,38 @@ fn reaper_notify() {
     }
 }
 
+/// Who is starting (or started, or failed to start) a per-process crate
+/// thread: the pid in the high half, the state in the low half. Lock-free:
+/// a forked child inherits its parent's word, sees a pid not its own, and
+/// starts its own thread, where a `Mutex` would be inherited locked.
+pub(crate) struct StartState(AtomicU64);
+
+const START_NONE: u64 = 0;
+const START_RUNNING: u64 = 1;
+const START_DONE: u64 = 2;
+const START_FAILED: u64 = 3;
+
+impl StartState {
+    pub(crate) const fn new() -> StartState {
+        StartState(AtomicU64::new(START_NONE))
+    }
+}
+
+fn start_word(pid: u32, state: u64) -> u64 {
+    (u64::from(pid) << 32) | state
+}
+
 /// The value in `cell` that belongs to this process, made by `start` if
 /// there is none yet: a forked child inherits its parent's value (the pid
-/// says whose it is) but not the thread behind it. `None` if `start`
-/// failed, or if `init` stays locked: a child can inherit it locked from a
-/// parent that was starting its own, and must not hang on it.
+/// says whose it is) but not the thread behind it.
+///
+/// One caller per process runs `start`; the others *wait* for it to finish
+/// (they never go on without the value: a daemonic child forked on the
+/// wrong thread would die with that thread). `None` only if `start` failed
+/// (the next call tries again).
 fn per_process<T>(
     cell: &'static sys::LeakedCell<(u32, T)>,
-    init: &Mutex<()>,
+    state: &StartState,
     start: impl FnOnce() -> std::io::Result<T>,
 ) -> Option<&'static T> {
     let pid = sys::getpid().as_raw() as u32;
@@ -551,31 +652,67 @@ fn per_process<T>(
             .filter(|(owner, _)| *owner == pid)
             .map(|(_, v)| v)
     };
-    for _ in 0..1000 {
+    let mut start = Some(start);
+    let mut waited = false;
+    let mut spins = 0u32;
+    loop {
         if let Some(v) = ours() {
             return Some(v);
         }
-        // Another thread may be starting it: wait for that rather than miss
-        // it (the reaper must see the handle dropped just now).
-        let Ok(_init) = init.try_lock() else {
-            std::thread::yield_now();
+        let word = state.0.load(Ordering::Acquire);
+        let (owner, st) = ((word >> 32) as u32, word & 0xffff_ffff);
+        if owner == pid && st == START_RUNNING {
+            // Another thread of ours is starting it: wait. Starting a thread
+            // takes microseconds; back off from yields to short sleeps.
+            waited = true;
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
             continue;
-        };
-        if let Some(v) = ours() {
-            return Some(v);
         }
+        if owner == pid && st == START_FAILED && waited {
+            // The start we waited for failed: report it rather than loop.
+            return None;
+        }
+        if owner == pid && st == START_DONE {
+            // Published before DONE: `ours()` above will see it.
+            continue;
+        }
+        // Nobody of this process has it (none yet, a parent's value, or an
+        // earlier failure): claim the start.
+        if state
+            .0
+            .compare_exchange(
+                word,
+                start_word(pid, START_RUNNING),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            continue;
+        }
+        let start = start.take().expect("a caller claims the start once");
         return match start() {
             Ok(v) => {
                 cell.set((pid, v));
+                state
+                    .0
+                    .store(start_word(pid, START_DONE), Ordering::Release);
                 ours()
             }
             Err(e) => {
+                state
+                    .0
+                    .store(start_word(pid, START_FAILED), Ordering::Release);
                 log::warn!("multiproc: cannot start a crate thread: {e}");
                 None
             }
         };
     }
-    None
 }
 
 /// Starts the reaper thread; returns the write end of its wake pipe.
@@ -625,8 +762,7 @@ type ForkJob = Box<dyn FnOnce() + Send + 'static>;
 /// Lock-free to read, so a child can look at it safely.
 static FORK_THREAD: sys::LeakedCell<(u32, crossbeam_channel::Sender<ForkJob>)> =
     sys::LeakedCell::new();
-/// Serializes the creation of the fork thread.
-static FORK_THREAD_INIT: Mutex<()> = Mutex::new(());
+static FORK_THREAD_INIT: StartState = StartState::new();
 
 /// Runs `job` on a thread that lives as long as the process.
 ///
@@ -636,11 +772,17 @@ static FORK_THREAD_INIT: Mutex<()> = Mutex::new(());
 /// initializer — would be killed as soon as that thread returned. So such
 /// children are forked from this one long-lived thread instead; children
 /// started from the main thread are forked right there.
-pub(crate) fn on_fork_thread<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) -> R {
-    // Without the thread (it cannot start, or a child inherited its
-    // creation half done), fork in place rather than fail or hang.
+///
+/// # Errors
+/// [`Error::Io`] if the fork thread cannot be started: forking here
+/// instead would tie the child's life to the calling thread.
+pub(crate) fn on_fork_thread<T: Send + 'static>(
+    job: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let Some(tx) = per_process(&FORK_THREAD, &FORK_THREAD_INIT, start_fork_thread) else {
-        return job();
+        return Err(Error::Io(std::io::Error::other(
+            "cannot start the multiproc fork thread",
+        )));
     };
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let job: ForkJob = Box::new(move || {
@@ -683,5 +825,46 @@ mod tests {
         assert!(!a.daemon());
         assert_eq!(a.pid(), None);
         assert!(matches!(a.join(), Err(Error::NotStarted)));
+    }
+
+    /// Threads that find the start under way wait for it, however long it
+    /// takes, and all get the one value (they used to give up after a
+    /// bounded number of yields and go on without it).
+    #[test]
+    fn per_process_waits_for_a_slow_start() {
+        static CELL: sys::LeakedCell<(u32, u64)> = sys::LeakedCell::new();
+        static STATE: StartState = StartState::new();
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let go = Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let go = Arc::clone(&go);
+                std::thread::spawn(move || {
+                    go.wait();
+                    per_process(&CELL, &STATE, || {
+                        STARTS.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(300));
+                        Ok(42)
+                    })
+                    .copied()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), Some(42));
+        }
+        assert_eq!(STARTS.load(Ordering::SeqCst), 1);
+    }
+
+    /// A failed start is `None` for the caller and those that waited for
+    /// it; a later call tries again.
+    #[test]
+    fn per_process_retries_after_a_failed_start() {
+        static CELL: sys::LeakedCell<(u32, u64)> = sys::LeakedCell::new();
+        static STATE: StartState = StartState::new();
+        let failed = per_process(&CELL, &STATE, || Err(std::io::Error::other("no")));
+        assert_eq!(failed, None);
+        assert_eq!(per_process(&CELL, &STATE, || Ok(7)).copied(), Some(7));
+        assert_eq!(per_process(&CELL, &STATE, || Ok(8)).copied(), Some(7));
     }
 }

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::exitcode;
+use crate::popen::{self, Popen};
 use crate::process;
-use crate::sys::{self, Pid, Sig};
+use crate::sys::{self, Sig};
 
 /// The task id of this process (`usize::MAX`: not a supervised child).
 static TASK_ID: AtomicUsize = AtomicUsize::new(usize::MAX);
@@ -20,8 +22,8 @@ static FORK_PROCESSES_CALLED: AtomicBool = AtomicBool::new(false);
 
 /// The signals the supervisor handles in the parent.
 const HANDLED: [Sig; 3] = [Sig::SIGTERM, Sig::SIGINT, Sig::SIGHUP];
-/// How often the supervisor looks at its children when nothing wakes it
-/// (a kernel without pidfds has nothing to wake it).
+/// How often the supervisor looks at its children when a sentinel pipe
+/// (kernels without pidfds) may not wake it.
 const TICK: Duration = Duration::from_millis(100);
 
 /// The task id of this process: `Some(id)` in a child started by
@@ -232,6 +234,7 @@ impl Supervisor {
             retiring: Vec::new(),
             restarts: 0,
             roll: VecDeque::new(),
+            rolling: None,
             stopping: None,
         };
         let result = state.supervise();
@@ -259,19 +262,28 @@ struct Slot {
 
 /// A live child.
 struct Running {
-    pid: Pid,
-    /// Its pidfd (`None` on kernels without pidfds: then the tick polls).
-    pidfd: Option<OwnedFd>,
+    popen: Popen,
     /// Readable once the child is running and initialized (a byte, or end
-    /// of file if it died first); `None` once seen.
-    ready: Option<OwnedFd>,
+    /// of file if it died first). Watched only during a rolling restart.
+    ready: OwnedFd,
     started: Instant,
 }
 
 impl fmt::Debug for Running {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Running").field("pid", &self.pid).finish()
+        f.debug_struct("Running")
+            .field("pid", &self.popen.pid())
+            .finish()
     }
+}
+
+/// The step of a rolling restart under way: the replacement of task `id`
+/// is starting (it is the slot's child); the old child serves on until the
+/// replacement is ready, dies, or `deadline` passes.
+struct Rolling {
+    id: usize,
+    old: Running,
+    deadline: Instant,
 }
 
 struct State {
@@ -285,11 +297,16 @@ struct State {
     restarts: usize,
     /// Task ids still to roll (SIGHUP).
     roll: VecDeque<usize>,
+    /// The roll's current step, if a replacement is starting.
+    rolling: Option<Rolling>,
     /// Shutting down: the signal and when the grace ends.
     stopping: Option<(i32, Instant)>,
 }
 
 impl State {
+    /// The event loop. Nothing in it blocks but the one `poll` of
+    /// [`wait_for_event`](State::wait_for_event): every child, every signal
+    /// and every deadline is served in each turn, during a roll too.
     fn supervise(&mut self) -> Result<Role> {
         for id in 0..self.children.len() {
             if let Some(role) = self.start(id)? {
@@ -308,7 +325,6 @@ impl State {
 
     /// Forks the child of task `id`. `Some(Role::Child)` in the child.
     fn start(&mut self, id: usize) -> Result<Option<Role>> {
-        let parent = sys::getpid();
         // The child closes (or writes to) its end once it is running and
         // its initializer returned: the parent's "started" signal.
         let (ready_r, ready_w) = match sys::pipe() {
@@ -318,53 +334,55 @@ impl State {
                 return Err(e.into());
             }
         };
+        let init = process::ChildInit::prepare(Some(Sig::SIGKILL));
+        // Blocked across the fork: a stop signal sent to the new child
+        // before it has reset its handlers waits for the reset, instead of
+        // running our handler there (which writes to *our* signal pipe:
+        // the child would never see the stop).
+        let blocked = sys::BlockedSignals::block(&HANDLED);
         // Held across the fork: the child clears its copy (the parent's
         // Process children are not the child's).
-        let mut registry = process::registry();
-        let forked = sys::fork_returning();
+        let registry = process::registry();
+        let forked = Popen::fork_program();
         match forked {
             Err(e) => {
                 drop(registry);
+                drop(blocked);
                 self.abort_all();
-                Err(e.into())
+                Err(e)
             }
             Ok(None) => {
-                registry.clear();
-                drop(registry);
-                process::become_main_process();
+                blocked.forget();
                 drop(ready_r);
-                // The supervisor's fds (signal pipe, siblings' pidfds) are
-                // closed when its state is dropped on the way out of `run`.
+                // Default dispositions, then every signal unblocked: a stop
+                // that came meanwhile is delivered now, with its default
+                // action. The supervisor's fds (signal pipe, siblings'
+                // sentinels) are closed when its state is dropped on the way
+                // out of `run`.
                 sys::reset_signals_in_child(&HANDLED);
-                if sys::set_parent_death_signal(Sig::SIGKILL).is_ok() && sys::getppid() != parent {
-                    // The supervisor died before prctl: no signal will come.
-                    sys::exit_immediately(1);
+                if let Err(code) = init.become_program(Some(registry)) {
+                    sys::exit_immediately(code);
                 }
                 TASK_ID.store(id, Ordering::Relaxed);
-                if let Some(init) = self.cfg.initializer {
-                    if crate::unwind::catch(move || init(id)).is_err() {
+                if let Some(user_init) = self.cfg.initializer {
+                    if crate::unwind::catch(move || user_init(id)).is_err() {
                         sys::flush_std_streams();
-                        sys::exit_immediately(1);
+                        sys::exit_immediately(crate::exitcode::PANICKED);
                     }
                 }
                 let _ = sys::write_all(ready_w.as_fd(), &[1]);
                 drop(ready_w);
                 Ok(Some(Role::Child(id)))
             }
-            Ok(Some(pid)) => {
+            Ok(Some(popen)) => {
                 drop(registry);
+                drop(blocked);
                 drop(ready_w);
-                let pidfd = if sys::pidfd_supported() {
-                    sys::pidfd_open(pid).ok()
-                } else {
-                    None
-                };
-                log::info!("multiproc: started child {id} (pid {pid})");
+                log::info!("multiproc: started child {id} (pid {})", popen.pid());
                 let slot = &mut self.children[id];
                 slot.child = Some(Running {
-                    pid,
-                    pidfd,
-                    ready: Some(ready_r),
+                    popen,
+                    ready: ready_r,
                     started: Instant::now(),
                 });
                 slot.restart_at = None;
@@ -373,65 +391,49 @@ impl State {
         }
     }
 
-    /// Waits until the new child of task `id` is running and initialized
-    /// (or died, or the grace period passed, or a signal came in).
-    fn wait_started(&mut self, id: usize) -> Result<()> {
-        let deadline = Instant::now() + self.cfg.grace;
-        let Some(ready) = self.children[id]
-            .child
-            .as_mut()
-            .and_then(|r| r.ready.take())
-        else {
-            return Ok(());
-        };
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let fds = [ready.as_fd(), self.sig_r.as_fd()];
-            let got = sys::poll_readable(&fds, Some(left))?;
-            if got.is_empty() || got.contains(&0) || got.contains(&1) {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Every live child: the current one of each task id, and the old ones
-    /// of a rolling restart.
+    /// Every live child: the current one of each task id, the old one of
+    /// the roll's step, and the old ones of a rolling restart.
     fn running(&self) -> impl Iterator<Item = &Running> {
         self.children
             .iter()
             .filter_map(|s| s.child.as_ref())
+            .chain(self.rolling.iter().map(|r| &r.old))
             .chain(self.retiring.iter().map(|(r, _)| r))
     }
 
-    fn pidfds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
-        self.running()
-            .filter_map(|r| r.pidfd.as_ref().map(|fd| fd.as_fd()))
-    }
-
-    /// How long to sleep at most without a deadline: forever when every
-    /// child has a pidfd to wake us, else the polling tick.
-    fn idle_timeout(&self) -> Option<Duration> {
-        self.running().any(|r| r.pidfd.is_none()).then_some(TICK)
-    }
-
-    /// Sleeps until a signal, a child's exit, or the next deadline.
+    /// Sleeps until a signal, a child's exit, the roll's replacement being
+    /// ready, or the next deadline.
     fn wait_for_event(&self) -> Result<()> {
         let now = Instant::now();
-        let mut timeout = self.idle_timeout();
+        let mut timeout = None;
         let deadlines = self
             .children
             .iter()
             .filter_map(|s| s.restart_at)
             .chain(self.retiring.iter().map(|(_, kill_at)| *kill_at))
+            .chain(self.rolling.as_ref().map(|r| r.deadline))
             .chain(self.stopping.map(|(_, kill_at)| kill_at));
         for d in deadlines {
             let left = d.saturating_duration_since(now);
-            timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            timeout = Some(timeout.map_or(left, |t: Duration| t.min(left)));
         }
         let mut fds: Vec<BorrowedFd<'_>> = vec![self.sig_r.as_fd()];
-        fds.extend(self.pidfds());
+        fds.extend(self.running().map(|r| r.popen.sentinel()));
+        if let Some(r) = self.replacement() {
+            fds.push(r.ready.as_fd());
+        }
+        if self.running().any(|r| !r.popen.has_pidfd()) {
+            // A sentinel pipe can be held past the exit by a grandchild.
+            timeout = Some(timeout.map_or(TICK, |t| t.min(TICK)));
+        }
         sys::poll_readable(&fds, timeout)?;
         Ok(())
+    }
+
+    /// The replacement of the roll's current step, while it is starting.
+    fn replacement(&self) -> Option<&Running> {
+        let r = self.rolling.as_ref()?;
+        self.children[r.id].child.as_ref()
     }
 
     /// Reads the signal pipe and acts on each signal.
@@ -450,6 +452,7 @@ impl State {
                         log::info!("multiproc: SIGHUP, restarting the children one by one");
                         self.roll = (0..self.children.len())
                             .filter(|&id| self.children[id].child.is_some())
+                            .filter(|&id| self.rolling.as_ref().is_none_or(|r| r.id != id))
                             .collect();
                     }
                 } else if self.stopping.is_none() {
@@ -465,47 +468,77 @@ impl State {
 
     /// SIGTERM to every child, SIGKILL after the grace.
     fn stop_all(&mut self, sig: i32) {
-        self.stopping = Some((sig, Instant::now() + self.cfg.grace));
+        let kill_at = Instant::now() + self.cfg.grace;
+        self.stopping = Some((sig, kill_at));
         self.roll.clear();
+        if let Some(r) = self.rolling.take() {
+            self.retiring.push((r.old, kill_at));
+        }
         for slot in &mut self.children {
             slot.restart_at = None;
-            if let Some(r) = &slot.child {
-                let _ = sys::send_signal(r.pid, Sig::SIGTERM);
-            }
         }
-        for (r, kill_at) in &mut self.retiring {
-            let _ = sys::send_signal(r.pid, Sig::SIGTERM);
-            *kill_at = (*kill_at).min(Instant::now() + self.cfg.grace);
+        for (_, at) in &mut self.retiring {
+            *at = (*at).min(kill_at);
+        }
+        for r in self.running() {
+            let _ = r.popen.terminate();
         }
     }
 
     /// Reaps the children that exited; schedules restarts.
     fn reap(&mut self) -> Result<()> {
-        self.retiring.retain(|(r, _)| match sys::try_wait(r.pid) {
+        self.retiring.retain(|(r, _)| match r.popen.poll() {
             Ok(None) => true,
             Ok(Some(code)) => {
-                log::info!("multiproc: old child (pid {}) ended with {code}", r.pid);
+                log::info!(
+                    "multiproc: old child (pid {}) ended with {}",
+                    r.popen.pid(),
+                    exitcode::describe(code)
+                );
                 false
             }
             Err(_) => false,
         });
+        if let Some(r) = &self.rolling {
+            if !matches!(r.old.popen.poll(), Ok(None)) {
+                // The old child of the roll's step ended by itself; its
+                // replacement carries on starting.
+                log::info!("multiproc: old child (pid {}) ended", r.old.popen.pid());
+                self.rolling = None;
+            }
+        }
         for id in 0..self.children.len() {
             let Some(r) = &self.children[id].child else {
                 continue;
             };
-            let code = match sys::try_wait(r.pid) {
+            let code = match r.popen.poll() {
                 Ok(None) => continue,
                 Ok(Some(code)) => code,
-                // ECHILD: someone reaped it behind our back; count it as
-                // a failure rather than wait forever.
-                Err(_) => -1,
+                Err(_) => exitcode::UNKNOWN,
             };
             let ran = r.started.elapsed();
-            let pid = r.pid;
+            let pid = r.popen.pid();
             let slot = &mut self.children[id];
             slot.child = None;
             if self.stopping.is_some() {
-                log::info!("multiproc: child {id} (pid {pid}) stopped with {code}");
+                log::info!(
+                    "multiproc: child {id} (pid {pid}) stopped with {}",
+                    exitcode::describe(code)
+                );
+                continue;
+            }
+            if let Some(rolling) = self.rolling.take_if(|r| r.id == id) {
+                // The replacement died before it was ready: the old child
+                // serves on, and the roll moves to the next task id.
+                log::warn!(
+                    "multiproc: replacement of child {id} (pid {pid}) ended with {} before it \
+                     was ready; keeping the old one (pid {})",
+                    exitcode::describe(code),
+                    rolling.old.popen.pid()
+                );
+                slot.child = Some(rolling.old);
+                self.restarts += 1;
+                self.check_restart_limit()?;
                 continue;
             }
             if code == 0 {
@@ -513,28 +546,13 @@ impl State {
                 slot.done = true;
                 continue;
             }
-            if code < 0 {
-                log::warn!(
-                    "multiproc: child {id} (pid {pid}) killed by signal {}",
-                    -code
-                );
-            } else {
-                log::warn!("multiproc: child {id} (pid {pid}) exited with status {code}");
-            }
+            log::warn!(
+                "multiproc: child {id} (pid {pid}) ended with {}",
+                exitcode::describe(code)
+            );
             self.restarts += 1;
-            if let Some(limit) = self.cfg.max_restarts {
-                if self.restarts > limit {
-                    log::error!(
-                        "multiproc: too many restarts ({}), giving up",
-                        self.restarts
-                    );
-                    self.abort_all();
-                    return Err(Error::TooManyRestarts {
-                        restarts: self.restarts,
-                        limit,
-                    });
-                }
-            }
+            self.check_restart_limit()?;
+            let slot = &mut self.children[id];
             if ran >= self.cfg.backoff_reset {
                 slot.failures = 0;
             }
@@ -549,18 +567,35 @@ impl State {
         Ok(())
     }
 
+    /// `Err(TooManyRestarts)` (with every child stopped) past the limit.
+    fn check_restart_limit(&mut self) -> Result<()> {
+        if let Some(limit) = self.cfg.max_restarts {
+            if self.restarts > limit {
+                log::error!(
+                    "multiproc: too many restarts ({}), giving up",
+                    self.restarts
+                );
+                self.abort_all();
+                return Err(Error::TooManyRestarts {
+                    restarts: self.restarts,
+                    limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Restarts due children, moves the rolling restart on, enforces the
     /// grace; `Some` when supervision is over.
     fn advance(&mut self) -> Result<Option<Role>> {
         let now = Instant::now();
         if let Some((sig, kill_at)) = self.stopping {
-            let live: Vec<Pid> = self.live_pids().collect();
-            if live.is_empty() {
+            if self.running().next().is_none() {
                 return Ok(Some(Role::Parent(Stopped::Signal(sig))));
             }
             if now >= kill_at {
-                for pid in live {
-                    let _ = sys::send_signal(pid, Sig::SIGKILL);
+                for r in self.running() {
+                    let _ = r.popen.kill();
                 }
             }
             return Ok(None);
@@ -575,11 +610,24 @@ impl State {
         }
         for (r, kill_at) in &self.retiring {
             if now >= *kill_at {
-                let _ = sys::send_signal(r.pid, Sig::SIGKILL);
+                let _ = r.popen.kill();
+            }
+        }
+        // The roll's step: once the replacement is ready (or the grace for
+        // its start passed), the old child gets SIGTERM and retires.
+        if let Some(r) = &self.rolling {
+            let ready = self.replacement().is_none_or(|rep| {
+                sys::poll_readable(&[rep.ready.as_fd()], Some(Duration::ZERO))
+                    .is_ok_and(|got| !got.is_empty())
+            });
+            if ready || now >= r.deadline {
+                let r = self.rolling.take().expect("checked above");
+                let _ = r.old.popen.terminate();
+                self.retiring.push((r.old, now + self.cfg.grace));
             }
         }
         // Rolling restart: one old child at a time.
-        if self.retiring.is_empty() {
+        if self.rolling.is_none() && self.retiring.is_empty() {
             while let Some(id) = self.roll.pop_front() {
                 let Some(old) = self.children[id].child.take() else {
                     continue;
@@ -587,9 +635,11 @@ impl State {
                 if let Some(role) = self.start(id)? {
                     return Ok(Some(role));
                 }
-                self.wait_started(id)?;
-                let _ = sys::send_signal(old.pid, Sig::SIGTERM);
-                self.retiring.push((old, Instant::now() + self.cfg.grace));
+                self.rolling = Some(Rolling {
+                    id,
+                    old,
+                    deadline: now + self.cfg.grace,
+                });
                 break;
             }
         }
@@ -597,6 +647,7 @@ impl State {
             .children
             .iter()
             .all(|s| s.child.is_none() && s.restart_at.is_none())
+            && self.rolling.is_none()
             && self.retiring.is_empty();
         if idle && self.children.iter().all(|s| s.done) {
             return Ok(Some(Role::Parent(Stopped::AllExited)));
@@ -604,47 +655,16 @@ impl State {
         Ok(None)
     }
 
-    fn live_pids(&self) -> impl Iterator<Item = Pid> + '_ {
-        self.running().map(|r| r.pid)
-    }
-
-    /// Stops every child (SIGTERM, the grace, SIGKILL) and reaps them all.
+    /// Stops every child (SIGTERM, one grace for all, SIGKILL) and reaps
+    /// them all.
     fn abort_all(&mut self) {
-        let pids: Vec<Pid> = self.live_pids().collect();
-        for &pid in &pids {
-            let _ = sys::send_signal(pid, Sig::SIGTERM);
-        }
-        let deadline = Instant::now() + self.cfg.grace;
-        let mut left = pids;
-        loop {
-            left.retain(|&pid| matches!(sys::try_wait(pid), Ok(None)));
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                for &pid in &left {
-                    let _ = sys::send_signal(pid, Sig::SIGKILL);
-                    let _ = sys::wait_blocking(pid);
-                }
-                break;
-            }
-            // Sleep on the pidfds (and the tick without them).
-            let until = deadline.saturating_duration_since(Instant::now());
-            // Only the unreaped ones: a reaped child's pidfd stays readable.
-            let fds: Vec<BorrowedFd<'_>> = self
-                .running()
-                .filter(|r| left.contains(&r.pid))
-                .filter_map(|r| r.pidfd.as_ref().map(|fd| fd.as_fd()))
-                .collect();
-            let _ = sys::poll_readable(
-                &fds,
-                Some(self.idle_timeout().map_or(until, |t| t.min(until))),
-            );
-        }
+        let popens: Vec<&Popen> = self.running().map(|r| &r.popen).collect();
+        popen::stop_all(&popens, Sig::SIGTERM, self.cfg.grace);
         for slot in &mut self.children {
             slot.child = None;
             slot.restart_at = None;
         }
+        self.rolling = None;
         self.retiring.clear();
     }
 }

@@ -17,8 +17,9 @@ use super::wire::{self, FromWorker};
 use super::worker::{self, WorkerSpec};
 use crate::codec::{Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
 use crate::error::{Error, Result};
-use crate::process::{self, Process};
-use crate::sys::{self, SharedProgress};
+use crate::popen::{self, Popen};
+use crate::process::Process;
+use crate::sys::{self, SharedProgress, Sig};
 
 /// Socket buffer asked for each worker's socket pair.
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -43,7 +44,7 @@ pub(crate) struct Config {
     pub(crate) task_timeout: Option<Duration>,
 }
 
-/// Wakes the dispatcher out of `poll`: a non-blocking pipe, written only
+/// Wakes the dispatcher out of `poll`: a non-blocking socket, written only
 /// when `notified` was clear, so bursts of commands cost one write.
 #[derive(Debug)]
 pub(crate) struct Wake {
@@ -187,7 +188,9 @@ impl Dispatcher {
     /// Creates the dispatcher and forks the workers (on the calling thread,
     /// or on the crate's fork thread when that is not the main thread).
     pub(crate) fn new(cfg: Config, rx: Receiver<Command>) -> Result<(Dispatcher, Arc<Wake>)> {
-        let (wake_r, wake_w) = sys::pipe()?;
+        // A socket pair rather than a pipe: its write is one `send` with
+        // `MSG_NOSIGNAL` (no SIGPIPE once the dispatcher is gone).
+        let (wake_r, wake_w) = sys::socket_pair(0)?;
         sys::set_nonblocking(wake_r.as_fd())?;
         sys::set_nonblocking(wake_w.as_fd())?;
         let wake = Arc::new(Wake {
@@ -255,12 +258,12 @@ impl Dispatcher {
             }
         })
         .with_name(name)
-        .with_daemon(true);
+        .with_daemon(true)
+        // The pool reaps its own workers: they are never listed by
+        // `active_children` nor signalled by the at-exit finalizer.
+        .unregistered();
         process.start()?;
         let pid = process.pid().expect("a started process has a pid");
-        // The pool reaps its own workers; keep them out of the at-exit
-        // finalizer and `active_children`.
-        process::forget_child(pid);
         let now = Instant::now();
         self.workers[slot] = Some(Worker {
             process,
@@ -346,7 +349,10 @@ impl Dispatcher {
                 if writable {
                     write_out(&mut w);
                 }
-                if exited && matches!(w.process.popen().map(|p| p.poll()), Some(Ok(Some(_)))) {
+                // Anything but "still running" is an exit: a status reaped
+                // elsewhere is `exitcode::UNKNOWN`, and an error here must
+                // not put back a worker whose sentinel stays readable.
+                if exited && !matches!(w.process.popen().map(|p| p.poll()), Some(Ok(None))) {
                     self.on_exit(slot, w);
                 } else {
                     self.workers[slot] = Some(w);
@@ -680,7 +686,11 @@ impl Dispatcher {
                 }
             }
         }
-        let exitcode = w.process.popen().and_then(|p| p.returncode()).unwrap_or(-1);
+        let exitcode = w
+            .process
+            .popen()
+            .and_then(|p| p.returncode())
+            .unwrap_or(crate::exitcode::UNKNOWN);
         let p = self.progress.slot(slot);
         let started = p.started.load(Ordering::Relaxed);
         let finished = p.finished.load(Ordering::Relaxed);
@@ -831,16 +841,14 @@ impl Dispatcher {
 
     /// SIGKILLs and reaps every worker; jobs see the pool closed.
     fn kill_all(&mut self) {
-        for w in self.workers.iter().flatten() {
-            let _ = w.process.kill();
-        }
-        for w in self.workers.iter_mut() {
-            if let Some(w) = w.take() {
-                if let Some(p) = w.process.popen() {
-                    let _ = p.wait(None);
-                }
-            }
-        }
+        let popens: Vec<&Popen> = self
+            .workers
+            .iter()
+            .flatten()
+            .filter_map(|w| w.process.popen())
+            .collect();
+        popen::stop_all(&popens, Sig::SIGKILL, Duration::ZERO);
+        self.workers.iter_mut().for_each(|w| *w = None);
         self.pending.clear();
         for (_, j) in self.jobs.drain() {
             j.tx.send(JobMsg::Abort(Error::PoolClosed));

@@ -105,7 +105,7 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
         if let Err(report) = unwind::catch(init) {
             wire::push_init_failed(&mut out, &report.message);
             let _ = sys::write_all(sock.as_fd(), &out);
-            return 3;
+            return crate::exitcode::WORKER_INIT_FAILED;
         }
     }
     let mut w = Worker {
@@ -124,11 +124,11 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
             let frame = match reader.next_payload() {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
-                Err(_) => return 2,
+                Err(_) => return crate::exitcode::WORKER_PROTOCOL_ERROR,
             };
             let msg = match wire::parse_to_worker(frame) {
                 Ok(m) => m,
-                Err(_) => return 2,
+                Err(_) => return crate::exitcode::WORKER_PROTOCOL_ERROR,
             };
             match msg {
                 ToWorker::Chunk {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
+use nix::libc;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
@@ -47,17 +48,68 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Writes all of `buf`, retrying on `EINTR` and short writes.
+/// Writes all of `buf`, retrying on `EINTR` and short writes. A vanished
+/// reader is an `EPIPE` error, never a `SIGPIPE`, whatever the program's
+/// disposition of that signal (a CLI restores the default so that `| head`
+/// works): sockets are written with `send(MSG_NOSIGNAL)`, other fds (pipes)
+/// with `SIGPIPE` blocked in the calling thread for the write.
 pub(crate) fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
     while !buf.is_empty() {
-        match nix::unistd::write(fd, buf) {
+        match send(fd.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
             Err(Errno::EINTR) => {}
+            Err(Errno::ENOTSOCK) => return write_all_without_sigpipe(fd, buf),
             Err(e) => return Err(e.into()),
         }
     }
     Ok(())
+}
+
+/// `write(2)` until `buf` is written, with `SIGPIPE` blocked in this thread:
+/// an `EPIPE` raises a `SIGPIPE` that stays pending instead of killing the
+/// process; it is then taken off (unless one was pending before) and the
+/// mask restored. Async-signal-safe, allocation-free.
+fn write_all_without_sigpipe(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+    // SAFETY: `sigset_t`s are plain data initialized by sigemptyset /
+    // pthread_sigmask / sigpending before any read; every pointer passed
+    // points to a live local; `sigtimedwait` with a zero timeout only takes
+    // a pending SIGPIPE of this thread (blocked here) and never blocks.
+    unsafe {
+        let mut pipe_set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut pipe_set);
+        libc::sigaddset(&mut pipe_set, libc::SIGPIPE);
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe_set, &mut old);
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut pending);
+        let was_pending = libc::sigismember(&pending, libc::SIGPIPE) == 1;
+        let mut result = Ok(());
+        while !buf.is_empty() {
+            match nix::unistd::write(fd, buf) {
+                Ok(0) => {
+                    result = Err(io::ErrorKind::WriteZero.into());
+                    break;
+                }
+                Ok(n) => buf = &buf[n..],
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+        if !was_pending && libc::sigismember(&old, libc::SIGPIPE) == 0 {
+            let zero = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            while libc::sigtimedwait(&pipe_set, std::ptr::null_mut(), &zero) == libc::SIGPIPE {}
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        result
+    }
 }
 
 /// Writes `buf` to fd 2 with raw `write(2)` calls: no lock, no allocation.

@@ -99,13 +99,13 @@ pub(crate) fn fork_returning() -> io::Result<Option<Pid>> {
     Ok(forked)
 }
 
-/// Leaves the process with `_exit(70)` if a panic unwinds through it: the
+/// Leaves the process with `_exit(exitcode::UNWOUND)` if a panic unwinds through it: the
 /// child must never unwind into the parent's copy of the stack.
 struct ExitOnUnwind;
 
 impl Drop for ExitOnUnwind {
     fn drop(&mut self) {
-        exit_immediately(70)
+        exit_immediately(crate::exitcode::UNWOUND)
     }
 }
 
@@ -163,6 +163,6 @@ mod tests {
     #[test]
     fn unwinding_child_exits_70() {
         let pid = fork_child(|| -> i32 { std::panic::resume_unwind(Box::new("escape")) }).unwrap();
-        assert_eq!(sys::wait_blocking(pid).unwrap(), 70);
+        assert_eq!(sys::wait_blocking(pid).unwrap(), crate::exitcode::UNWOUND);
     }
 }

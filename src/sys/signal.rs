@@ -90,3 +90,34 @@ pub(crate) fn unblock_all_signals() -> io::Result<()> {
     )
     .map_err(io::Error::from)
 }
+
+/// `signals` blocked in the calling thread until the guard is dropped
+/// (then the thread's previous mask is back). Held across a fork so that a
+/// signal sent to the new child before it has reset its handlers stays
+/// pending until it has, instead of running the parent's handler there.
+#[derive(Debug)]
+pub(crate) struct BlockedSignals(Option<signal::SigSet>);
+
+impl BlockedSignals {
+    pub(crate) fn block(signals: &[Signal]) -> BlockedSignals {
+        let mut set = signal::SigSet::empty();
+        for &sig in signals {
+            set.add(sig);
+        }
+        BlockedSignals(set.thread_swap_mask(signal::SigmaskHow::SIG_BLOCK).ok())
+    }
+
+    /// In a child: keep the signals blocked (the child unblocks them itself
+    /// once its handlers are reset); the guard does nothing on drop.
+    pub(crate) fn forget(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for BlockedSignals {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            let _ = old.thread_set_mask();
+        }
+    }
+}

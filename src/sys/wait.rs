@@ -18,6 +18,10 @@ pub(crate) fn exit_code(status: WaitStatus) -> Option<i32> {
 
 /// `waitpid(pid, WNOHANG)`: `Ok(None)` while the child runs, `Ok(Some(code))`
 /// once it has been reaped by this call.
+///
+/// `ECHILD` (the status was taken by someone else: a `waitpid(-1)` elsewhere,
+/// or `SIGCHLD` ignored, with which the kernel reaps by itself) means the
+/// child is gone: `Ok(Some(exitcode::UNKNOWN))`, never an error to retry.
 pub(crate) fn try_wait(pid: Pid) -> io::Result<Option<i32>> {
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
@@ -30,12 +34,13 @@ pub(crate) fn try_wait(pid: Pid) -> io::Result<Option<i32>> {
                 // which we do not pass; poll again.
             }
             Err(Errno::EINTR) => {}
+            Err(Errno::ECHILD) => return Ok(Some(crate::exitcode::UNKNOWN)),
             Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// Blocking `waitpid(pid, 0)`, retried on `EINTR`.
+/// Blocking `waitpid(pid, 0)`, retried on `EINTR`; `ECHILD` as in [`try_wait`].
 pub(crate) fn wait_blocking(pid: Pid) -> io::Result<i32> {
     loop {
         match waitpid(pid, None) {
@@ -45,6 +50,7 @@ pub(crate) fn wait_blocking(pid: Pid) -> io::Result<i32> {
                 }
             }
             Err(Errno::EINTR) => {}
+            Err(Errno::ECHILD) => return Ok(crate::exitcode::UNKNOWN),
             Err(e) => return Err(e.into()),
         }
     }
