@@ -11,10 +11,18 @@
 //! A child that crashes is restarted with the same task id; `kill -HUP` on
 //! the parent restarts the children one by one. `--port 0` picks a free port
 //! (printed on the first line).
+//!
+//! Each child installs a [`multiproc::StopSignal`]: on `SIGTERM` (a
+//! shutdown, or the old child of a `SIGHUP` roll) it stops accepting,
+//! finishes the requests it holds and exits 0, so rolls and shutdowns under
+//! load fail no request.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut port = 8080u16;
@@ -37,17 +45,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The parent supervises here and never returns; each child returns
     // with its task id and serves.
     let id = multiproc::fork_processes(processes, None)?;
-    for conn in listener.incoming() {
-        match conn {
-            Ok(conn) => {
-                if let Err(e) = serve(conn, id) {
-                    eprintln!("task {id}: {e}");
+    // From here SIGTERM asks for a graceful stop instead of killing us.
+    let stop = multiproc::StopSignal::install()?;
+    listener.set_nonblocking(true)?;
+    while !stop.requested() {
+        // Serve every connection waiting, one at a time; a stop request
+        // that comes meanwhile is seen once the one in hand is answered.
+        loop {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    conn.set_nonblocking(false)?;
+                    if let Err(e) = serve(conn, id) {
+                        eprintln!("task {id}: {e}");
+                    }
+                    if stop.requested() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    eprintln!("task {id}: accept: {e}");
+                    break;
                 }
             }
-            Err(e) => eprintln!("task {id}: accept: {e}"),
+        }
+        // Sleep until a client or the stop request comes.
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+        ];
+        if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+            if e != nix::errno::Errno::EINTR {
+                return Err(e.into());
+            }
         }
     }
-    Ok(())
+    // Stop requested: accept nothing more (the connection in hand was
+    // answered), exit 0.
+    std::process::exit(0)
 }
 
 /// Reads the request head and answers with this child's task id and pid.

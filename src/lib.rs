@@ -132,6 +132,7 @@ mod pool;
 mod popen;
 mod process;
 mod spawn;
+mod stop;
 mod supervisor;
 mod sys;
 mod unwind;
@@ -146,6 +147,7 @@ pub use process::{
     ProcessInfo,
 };
 pub use spawn::{spawn, JoinHandle};
+pub use stop::StopSignal;
 
 // Re-exports of the pool layer (issue 3).
 pub use pool::{AsyncResult, Imap, ImapUnordered, Pool, PoolBuilder};

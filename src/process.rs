@@ -641,7 +641,7 @@ fn start_word(pid: u32, state: u64) -> u64 {
 /// (they never go on without the value: a daemonic child forked on the
 /// wrong thread would die with that thread). `None` only if `start` failed
 /// (the next call tries again).
-fn per_process<T>(
+pub(crate) fn per_process<T>(
     cell: &'static sys::LeakedCell<(u32, T)>,
     state: &StartState,
     start: impl FnOnce() -> std::io::Result<T>,

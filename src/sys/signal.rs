@@ -2,6 +2,7 @@
 
 use std::io;
 
+use nix::libc;
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 
@@ -120,4 +121,58 @@ impl Drop for BlockedSignals {
             let _ = old.thread_set_mask();
         }
     }
+}
+
+/// The write end of the graceful-stop pipe (-1: none), its owner's pid, and
+/// whether a stop was requested: the state of [`on_stop`], lock-free.
+static STOP_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+static STOP_OWNER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The `SIGTERM` handler of a graceful stop: in the process that installed
+/// it, sets the flag and writes one byte to the stop pipe. In a process
+/// forked from it later (which inherits the handler but is not the one
+/// asked to stop gracefully), it puts the default action back and raises
+/// the signal again, so that child dies of `SIGTERM` as if nothing had been
+/// installed. Only atomics, `getpid`, `write`, `sigaction` and `raise`: all
+/// async-signal-safe; `errno` is saved and restored.
+extern "C" fn on_stop(sig: libc::c_int) {
+    let saved = nix::errno::Errno::last_raw();
+    // SAFETY: getpid, write, signal and raise are async-signal-safe; the
+    // buffer is one byte on this stack; a full pipe (EAGAIN on the
+    // non-blocking fd) drops the byte, the pipe being readable already.
+    unsafe {
+        if libc::getpid() != STOP_OWNER.load(std::sync::atomic::Ordering::Relaxed) {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        } else {
+            STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            let fd = STOP_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+            if fd >= 0 {
+                let byte = 1u8;
+                libc::write(fd, (&byte as *const u8).cast(), 1);
+            }
+        }
+    }
+    nix::errno::Errno::set_raw(saved);
+}
+
+/// Makes `SIGTERM` request a graceful stop of the calling process: the
+/// flag of [`stop_requested`] and a byte to `write_end` (a non-blocking
+/// pipe that the caller keeps open for the life of the process).
+pub(crate) fn install_stop_handler(write_end: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    STOP_OWNER.store(
+        nix::unistd::getpid().as_raw(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    STOP_REQUESTED.store(false, std::sync::atomic::Ordering::SeqCst);
+    STOP_PIPE.store(write_end.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+    install_handler(Signal::SIGTERM, on_stop)
+}
+
+/// Whether `SIGTERM` reached this process since [`install_stop_handler`].
+pub(crate) fn stop_requested() -> bool {
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+        && STOP_OWNER.load(std::sync::atomic::Ordering::Relaxed) == nix::unistd::getpid().as_raw()
 }
