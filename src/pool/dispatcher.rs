@@ -1,18 +1,20 @@
-//! The dispatcher: the pool's one parent-side thread. It owns the workers,
-//! the queue of chunks and the table of jobs, and runs the event loop
-//! described in the module docs of [`pool`](super).
+//! The dispatcher: the pool's one parent-side thread. It owns the workers
+//! and runs the event loop described in the module docs of
+//! [`pool`](super); the bookkeeping lives beside it: the jobs and their
+//! queue in [`JobTable`], each worker's chunks in its [`Ledger`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 
-use super::mailbox::MailSender;
-
+use super::jobs::JobTable;
+use super::ledger::{self, Ledger};
+use super::protocol::{Command, JobMsg, PoolFailure, Wake};
 use super::wire::{self, FromWorker};
 use super::worker::{self, WorkerSpec};
 use crate::codec::{Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
@@ -44,95 +46,47 @@ pub(crate) struct Config {
     pub(crate) task_timeout: Option<Duration>,
 }
 
-/// Wakes the dispatcher out of `poll`: a non-blocking socket, written only
-/// when `notified` was clear, so bursts of commands cost one write.
-#[derive(Debug)]
-pub(crate) struct Wake {
-    w: OwnedFd,
-    notified: AtomicBool,
+/// Bytes queued for a worker's socket, written as it takes them.
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+    pos: usize,
 }
 
-impl Wake {
-    pub(crate) fn notify(&self) {
-        if !self.notified.swap(true, Ordering::AcqRel) {
-            let _ = sys::write_all(self.w.as_fd(), &[1]);
+impl Outbox {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Writes as much as the non-blocking socket takes.
+    fn flush(&mut self, sock: &OwnedFd) {
+        while self.pos < self.buf.len() {
+            match sys::write_some(sock.as_fd(), &self.buf[self.pos..]) {
+                Ok(n) => self.pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    // The worker is gone; its sentinel will tell.
+                    self.pos = self.buf.len();
+                }
+            }
+        }
+        self.buf.clear();
+        self.pos = 0;
+        if self.buf.capacity() > 4 * OUT_HIGH_WATER {
+            self.buf = Vec::new();
         }
     }
 }
 
-/// A request from the callers' side.
-pub(crate) enum Command {
-    /// A new job: where its results go and how its items run.
-    Job {
-        id: u64,
-        tx: MailSender<JobMsg>,
-        f: usize,
-        tramp: usize,
-        ctx: Option<Vec<u8>>,
-    },
-    /// Items `base..base + count` of a job, encoded back to back.
-    Chunk {
-        job: u64,
-        base: u64,
-        count: u32,
-        items: Vec<u8>,
-    },
-    /// No more chunks will come for this job.
-    Seal(u64),
-    /// The caller lost interest: drop the job's queued chunks.
-    EndJob(u64),
-    /// Finish the queued work, then stop the workers and the dispatcher.
-    Close,
-    /// Kill the workers now.
-    Terminate,
-}
-
-/// What a job's caller receives.
-#[derive(Debug)]
-pub(crate) enum JobMsg {
-    /// Result entries of items `base..base + count`.
-    Results {
-        base: u64,
-        count: u32,
-        bytes: Vec<u8>,
-    },
-    /// One item failed without a result entry (its worker died or timed out).
-    Failed { index: u64, error: Error },
-    /// The pool cannot run this job: every item without a result fails.
-    Abort(Error),
-}
-
-/// A range of one job's items, sharing the encoded bytes of the chunk the
-/// caller sent.
-#[derive(Debug, Clone)]
-struct Chunk {
-    id: u64,
-    job: u64,
-    /// Job index of item 0 of `items`.
-    base: u64,
-    items: Arc<Vec<u8>>,
-    start: u32,
-    end: u32,
-}
-
-#[derive(Debug)]
-struct InFlight {
-    chunk: Chunk,
-    /// The worker-life sequence number of item `chunk.start`.
-    seq_base: u64,
-    /// Items whose results arrived, from `chunk.start`.
-    reported: u32,
-}
-
-struct Job {
-    tx: MailSender<JobMsg>,
-    f: usize,
-    tramp: usize,
-    ctx: Option<Arc<Vec<u8>>>,
-    /// Chunks queued or in flight.
-    chunks: usize,
-    sealed: bool,
-    ended: bool,
+/// Why a worker ends, once something decided it.
+#[derive(Default)]
+struct Fate {
+    /// An exit frame was queued.
+    exiting: bool,
+    /// The item killed for its timeout (its sequence number).
+    timed_out: Option<u64>,
+    /// A protocol error: the worker was killed, the running item gets this.
+    fault: Option<PoolFailure>,
 }
 
 struct Worker {
@@ -140,26 +94,36 @@ struct Worker {
     pid: u32,
     sock: OwnedFd,
     reader: FrameReader,
-    out: Vec<u8>,
-    out_pos: usize,
-    inflight: VecDeque<InFlight>,
-    seq_next: u64,
-    assigned: u64,
+    out: Outbox,
+    ledger: Ledger,
+    /// Jobs whose context this worker holds.
     contexts: HashSet<u64>,
-    /// An exit frame was queued.
-    exiting: bool,
+    fate: Fate,
     /// The socket reached end of file (or failed): stop reading it.
     eof: bool,
     /// The item being watched for the timeout: `(started counter, since)`.
     watch: (u64, Instant),
-    /// The item that was killed for its timeout.
-    timed_out: Option<u64>,
-    /// A protocol error: the worker was killed, the running item gets this.
-    fault: Option<Error>,
     /// When the last chunk finished (or the worker got work while idle).
     last_done: Instant,
     /// A result arrived from this worker.
     produced: bool,
+}
+
+impl Worker {
+    /// Records a protocol error and kills the worker; the item it was
+    /// running (or its first unreported one) fails with it.
+    fn fault(&mut self, f: PoolFailure) {
+        if self.fate.fault.is_none() {
+            self.fate.fault = Some(f);
+            self.eof = true;
+            let _ = self.process.kill();
+        }
+    }
+
+    /// Takes no new chunk.
+    fn closed_to_work(&self) -> bool {
+        self.fate.exiting || self.eof || self.fate.fault.is_some()
+    }
 }
 
 /// The dispatcher's state; [`Dispatcher::run`] is its thread's body.
@@ -170,15 +134,12 @@ pub(crate) struct Dispatcher {
     cfg: Config,
     progress: Arc<SharedProgress>,
     workers: Vec<Option<Worker>>,
-    pending: VecDeque<Chunk>,
-    jobs: HashMap<u64, Job>,
-    next_chunk: u64,
+    jobs: JobTable,
     next_name: usize,
     closing: bool,
     exit_sent: bool,
-    /// Why the pool stopped working (a failing initializer); new jobs are
-    /// aborted with it.
-    broken: Option<(String, String)>,
+    /// Why the pool stopped working; new jobs are aborted with it.
+    broken: Option<PoolFailure>,
     /// Moving average of a chunk's duration on a worker, seconds.
     chunk_secs: f64,
     startup_deaths: u32,
@@ -188,15 +149,8 @@ impl Dispatcher {
     /// Creates the dispatcher and forks the workers (on the calling thread,
     /// or on the crate's fork thread when that is not the main thread).
     pub(crate) fn new(cfg: Config, rx: Receiver<Command>) -> Result<(Dispatcher, Arc<Wake>)> {
-        // A socket pair rather than a pipe: its write is one `send` with
-        // `MSG_NOSIGNAL` (no SIGPIPE once the dispatcher is gone).
-        let (wake_r, wake_w) = sys::socket_pair(0)?;
-        sys::set_nonblocking(wake_r.as_fd())?;
-        sys::set_nonblocking(wake_w.as_fd())?;
-        let wake = Arc::new(Wake {
-            w: wake_w,
-            notified: AtomicBool::new(false),
-        });
+        let (wake, wake_r) = Wake::new()?;
+        let wake = Arc::new(wake);
         let n = cfg.processes;
         let mut d = Dispatcher {
             rx,
@@ -205,9 +159,7 @@ impl Dispatcher {
             progress: Arc::new(SharedProgress::new(n)?),
             workers: (0..n).map(|_| None).collect(),
             cfg,
-            pending: VecDeque::new(),
-            jobs: HashMap::new(),
-            next_chunk: 0,
+            jobs: JobTable::default(),
             next_name: 1,
             closing: false,
             exit_sent: false,
@@ -234,7 +186,7 @@ impl Dispatcher {
         let mut close = vec![
             sys::raw(&parent_end),
             sys::raw(&self.wake_r),
-            sys::raw(&self.wake.w),
+            sys::raw(self.wake.fd()),
         ];
         for w in self.workers.iter().flatten() {
             close.push(sys::raw(&w.sock));
@@ -270,17 +222,12 @@ impl Dispatcher {
             pid,
             sock: parent_end,
             reader: FrameReader::new(DEFAULT_MAX_FRAME_LEN, true),
-            out: Vec::new(),
-            out_pos: 0,
-            inflight: VecDeque::new(),
-            seq_next: 0,
-            assigned: 0,
+            out: Outbox::default(),
+            ledger: Ledger::default(),
             contexts: HashSet::new(),
-            exiting: false,
+            fate: Fate::default(),
             eof: false,
             watch: (u64::MAX, now),
-            timed_out: None,
-            fault: None,
             last_done: now,
             produced: false,
         });
@@ -291,6 +238,7 @@ impl Dispatcher {
     /// drained.
     pub(crate) fn run(mut self) {
         let mut entries = Vec::new();
+        let mut index = Vec::new();
         loop {
             if !self.drain_commands() {
                 self.kill_all();
@@ -300,26 +248,26 @@ impl Dispatcher {
             if self.closing && !self.exit_sent && self.idle() {
                 self.exit_sent = true;
                 for w in self.workers.iter_mut().flatten() {
-                    if !w.exiting {
-                        wire::push_exit(&mut w.out);
-                        w.exiting = true;
+                    if !w.fate.exiting {
+                        wire::push_exit(&mut w.out.buf);
+                        w.fate.exiting = true;
                     }
                 }
             }
             for w in self.workers.iter_mut().flatten() {
-                write_out(w);
+                w.out.flush(&w.sock);
             }
             if self.exit_sent && self.workers.iter().all(Option::is_none) {
                 return;
             }
-            // Poll: the wake pipe, then per worker its socket and sentinel.
+            // Poll: the wake socket, then per worker its socket and sentinel.
             entries.clear();
+            index.clear();
             entries.push(sys::poll_entry(sys::raw(&self.wake_r), false));
-            let mut index = Vec::new();
             for (slot, w) in self.workers.iter().enumerate() {
                 let Some(w) = w else { continue };
                 let sock_fd = if w.eof { -1 } else { sys::raw(&w.sock) };
-                entries.push(sys::poll_entry(sock_fd, w.out_pos < w.out.len()));
+                entries.push(sys::poll_entry(sock_fd, w.out.pending() > 0));
                 let sentinel = w.process.sentinel().map_or(-1, sys::raw_of);
                 entries.push(sys::poll_entry(sentinel, false));
                 index.push(slot);
@@ -332,32 +280,34 @@ impl Dispatcher {
             }
             if sys::poll_ready(&entries[0]).0 {
                 // One byte per burst of commands (see `Wake`): a short read
-                // empties the pipe.
+                // empties the socket.
                 let mut buf = [0u8; 64];
                 while matches!(sys::read(self.wake_r.as_fd(), &mut buf), Ok(n) if n == buf.len()) {}
-                self.wake.notified.store(false, Ordering::Release);
+                self.wake.clear();
             }
             for (k, &slot) in index.iter().enumerate() {
                 let (readable, writable) = sys::poll_ready(&entries[1 + 2 * k]);
                 let exited = sys::poll_ready(&entries[2 + 2 * k]).0;
-                let Some(mut w) = self.workers[slot].take() else {
+                let Some(w) = self.workers[slot].as_mut() else {
                     continue;
                 };
                 if readable && !w.eof {
-                    self.read_from(&mut w);
+                    self.broken =
+                        self.broken
+                            .take()
+                            .or(read_from(w, &mut self.jobs, &mut self.chunk_secs));
                 }
                 if writable {
-                    write_out(&mut w);
+                    w.out.flush(&w.sock);
                 }
                 // Anything but "still running" is an exit: a status reaped
                 // elsewhere is `exitcode::UNKNOWN`, and an error here must
-                // not put back a worker whose sentinel stays readable.
+                // not keep a worker whose sentinel stays readable.
                 if exited && !matches!(w.process.popen().map(|p| p.poll()), Some(Ok(None))) {
-                    self.on_exit(slot, w);
-                } else {
-                    self.workers[slot] = Some(w);
+                    self.on_exit(slot);
                 }
             }
+            self.forget_finished_jobs();
             self.check_timeouts();
         }
     }
@@ -366,19 +316,13 @@ impl Dispatcher {
     /// configured and a worker is busy.
     fn tick(&self) -> Option<Duration> {
         let t = self.cfg.task_timeout?;
-        let busy = self
-            .workers
-            .iter()
-            .flatten()
-            .any(|w| !w.inflight.is_empty());
+        let busy = self.workers.iter().flatten().any(|w| !w.ledger.is_empty());
         busy.then(|| (t / 10).clamp(Duration::from_millis(1), Duration::from_millis(50)))
     }
 
     /// No queued or running work and no live job.
     fn idle(&self) -> bool {
-        self.pending.is_empty()
-            && self.jobs.values().all(|j| j.ended || j.sealed)
-            && self.workers.iter().flatten().all(|w| w.inflight.is_empty())
+        self.jobs.all_submitted() && self.workers.iter().flatten().all(|w| w.ledger.is_empty())
     }
 
     /// Takes every queued command. `false` once the pool must stop now.
@@ -387,7 +331,10 @@ impl Dispatcher {
             match self.rx.try_recv() {
                 Ok(Command::Terminate) => return false,
                 Ok(cmd) => self.command(cmd),
-                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Empty) => {
+                    self.forget_finished_jobs();
+                    return true;
+                }
                 Err(TryRecvError::Disconnected) => return false,
             }
         }
@@ -395,88 +342,34 @@ impl Dispatcher {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Job {
-                id,
-                tx,
-                f,
-                tramp,
-                ctx,
-            } => {
-                if let Some((step, msg)) = &self.broken {
-                    tx.send(JobMsg::Abort(setup_error(step, msg)));
-                    return;
+            Command::Job { id, tx, task, ctx } => {
+                if let Some(b) = &self.broken {
+                    tx.send(JobMsg::Abort(b.clone().into()));
+                } else {
+                    self.jobs.add(id, tx, task, ctx);
                 }
-                self.jobs.insert(
-                    id,
-                    Job {
-                        tx,
-                        f,
-                        tramp,
-                        ctx: ctx.map(Arc::new),
-                        chunks: 0,
-                        sealed: false,
-                        ended: false,
-                    },
-                );
             }
             Command::Chunk {
                 job,
                 base,
                 count,
                 items,
-            } => {
-                let Some(j) = self.jobs.get_mut(&job) else {
-                    return;
-                };
-                if j.ended || count == 0 {
-                    return;
-                }
-                j.chunks += 1;
-                let id = self.next_chunk;
-                self.next_chunk += 1;
-                self.pending.push_back(Chunk {
-                    id,
-                    job,
-                    base,
-                    items: Arc::new(items),
-                    start: 0,
-                    end: count,
-                });
-            }
-            Command::Seal(job) => {
-                if let Some(j) = self.jobs.get_mut(&job) {
-                    j.sealed = true;
-                }
-                self.maybe_finish(job);
-            }
-            Command::EndJob(job) => {
-                if let Some(j) = self.jobs.get_mut(&job) {
-                    j.ended = true;
-                    let before = self.pending.len();
-                    self.pending.retain(|c| c.job != job);
-                    j.chunks -= before - self.pending.len();
-                }
-                self.maybe_finish(job);
-            }
+            } => self.jobs.queue(job, base, count, items),
+            Command::Seal(job) => self.jobs.seal(job),
+            Command::EndJob(job) => self.jobs.end(job),
             Command::Close => self.closing = true,
             Command::Terminate => unreachable!("handled by drain_commands"),
         }
     }
 
-    /// Drops a job that is sealed or ended and has no chunk left, and tells
-    /// the workers to forget its context.
-    fn maybe_finish(&mut self, job: u64) {
-        let done = self
-            .jobs
-            .get(&job)
-            .is_some_and(|j| (j.sealed || j.ended) && j.chunks == 0);
-        if !done {
-            return;
-        }
-        self.jobs.remove(&job);
-        for w in self.workers.iter_mut().flatten() {
-            if w.contexts.remove(&job) && !w.exiting {
-                wire::push_forget(&mut w.out, job);
+    /// Drops the jobs that are over, and tells the workers to forget their
+    /// contexts.
+    fn forget_finished_jobs(&mut self) {
+        for job in self.jobs.take_finished() {
+            for w in self.workers.iter_mut().flatten() {
+                if w.contexts.remove(&job) && !w.fate.exiting {
+                    wire::push_forget(&mut w.out.buf, job);
+                }
             }
         }
     }
@@ -494,194 +387,71 @@ impl Dispatcher {
         };
         let now = Instant::now();
         for level in 1..=depth {
-            if self.pending.is_empty() {
+            if !self.jobs.has_queued() {
                 break;
             }
-            for slot in 0..self.workers.len() {
-                let Some(w) = self.workers[slot].as_mut() else {
-                    continue;
-                };
-                if w.exiting
-                    || w.eof
-                    || w.fault.is_some()
-                    || w.inflight.len() >= level
-                    || w.out.len() - w.out_pos > OUT_HIGH_WATER
+            for w in self.workers.iter_mut().flatten() {
+                if w.closed_to_work() || w.ledger.len() >= level || w.out.pending() > OUT_HIGH_WATER
                 {
                     continue;
                 }
                 let left = match self.cfg.max_tasks_per_child {
-                    Some(m) => (m as u64).saturating_sub(w.assigned),
+                    Some(m) => (m as u64).saturating_sub(w.ledger.assigned()),
                     None => u64::MAX,
                 };
                 if left == 0 {
                     continue;
                 }
-                let Some(mut chunk) = pop_live(&mut self.pending, &mut self.jobs) else {
+                let Some(mut chunk) = self.jobs.pop() else {
                     break;
                 };
-                let len = u64::from(chunk.end - chunk.start);
-                if len > left {
-                    // Split at the worker's remaining allowance.
-                    let mut rest = chunk.clone();
-                    rest.id = self.next_chunk;
-                    self.next_chunk += 1;
-                    chunk.end = chunk.start + left as u32;
-                    rest.start = chunk.end;
-                    if let Some(j) = self.jobs.get_mut(&rest.job) {
-                        j.chunks += 1;
-                    }
-                    self.pending.push_front(rest);
-                }
-                let job = self.jobs.get(&chunk.job).expect("pop_live keeps live jobs");
-                if let Some(ctx) = &job.ctx {
+                // At most the worker's remaining allowance.
+                self.jobs
+                    .split(&mut chunk, u32::try_from(left).unwrap_or(u32::MAX));
+                let (task, ctx) = self.jobs.task(chunk.job).expect("pop keeps live jobs");
+                if let Some(ctx) = ctx {
                     if w.contexts.insert(chunk.job) {
-                        wire::push_context(&mut w.out, chunk.job, ctx);
+                        wire::push_context(&mut w.out.buf, chunk.job, ctx);
                     }
                 }
                 wire::push_chunk(
-                    &mut w.out,
+                    &mut w.out.buf,
                     chunk.id,
                     chunk.job,
-                    job.f,
-                    job.tramp,
+                    task.f,
+                    task.tramp,
                     chunk.start,
                     chunk.end,
                     &chunk.items,
                 );
-                if w.inflight.is_empty() {
+                if w.ledger.is_empty() {
                     w.last_done = now;
                 }
-                let n = u64::from(chunk.end - chunk.start);
-                w.inflight.push_back(InFlight {
-                    chunk,
-                    seq_base: w.seq_next,
-                    reported: 0,
-                });
-                w.seq_next += n;
-                w.assigned += n;
+                w.ledger.push(chunk);
             }
         }
         if let Some(m) = self.cfg.max_tasks_per_child {
             for w in self.workers.iter_mut().flatten() {
-                if w.assigned >= m as u64 && w.inflight.is_empty() && !w.exiting {
-                    wire::push_exit(&mut w.out);
-                    w.exiting = true;
+                if w.ledger.assigned() >= m as u64 && w.ledger.is_empty() && !w.fate.exiting {
+                    wire::push_exit(&mut w.out.buf);
+                    w.fate.exiting = true;
                 }
             }
         }
-    }
-
-    /// Reads what the worker sent (a bounded number of reads) and handles
-    /// every whole frame.
-    fn read_from(&mut self, w: &mut Worker) {
-        for _ in 0..8 {
-            match w.reader.fill(w.sock.as_fd()) {
-                Ok(Fill::Data) => {
-                    self.frames(w);
-                    // A short read took all there was: poll says when more
-                    // comes, no need for a read that fails with EAGAIN.
-                    if w.reader.drained() {
-                        return;
-                    }
-                }
-                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e @ Error::Codec(_)) => return fault(w, e),
-                // End of file, or a reset (the worker exited with bytes
-                // unread): a worker closes its socket only by exiting. Its
-                // sentinel reports the exit.
-                Ok(Fill::Eof) | Err(_) => {
-                    w.eof = true;
-                    if !w.exiting {
-                        let _ = w.process.kill();
-                    }
-                    return;
-                }
-            }
-            if w.fault.is_some() {
-                return;
-            }
-        }
-    }
-
-    /// Handles the whole frames buffered from `w`.
-    fn frames(&mut self, w: &mut Worker) {
-        loop {
-            let payload = match w.reader.next_payload() {
-                Ok(Some(p)) => p,
-                Ok(None) => return,
-                Err(e) => return fault(w, e),
-            };
-            let msg = match wire::parse_from_worker(payload) {
-                Ok(m) => m,
-                Err(e) => return fault(w, e),
-            };
-            match msg {
-                FromWorker::InitFailed { message } => {
-                    self.broken = Some(("pool initializer".into(), message));
-                    return;
-                }
-                FromWorker::Results {
-                    chunk,
-                    start,
-                    count,
-                    entries,
-                } => {
-                    let Some(front) = w.inflight.front_mut() else {
-                        return fault(w, protocol("results for no chunk"));
-                    };
-                    let c = &front.chunk;
-                    if c.id != chunk
-                        || start != c.start + front.reported
-                        || u64::from(start) + u64::from(count) > u64::from(c.end)
-                    {
-                        return fault(w, protocol("results out of order"));
-                    }
-                    w.produced = true;
-                    if let Some(job) = self.jobs.get(&c.job) {
-                        job.tx.send(JobMsg::Results {
-                            base: c.base + u64::from(start),
-                            count,
-                            bytes: entries.to_vec(),
-                        });
-                    }
-                    front.reported += count;
-                    if front.chunk.start + front.reported == front.chunk.end {
-                        let done = w.inflight.pop_front().expect("front exists");
-                        let now = Instant::now();
-                        let dt = now.duration_since(w.last_done).as_secs_f64();
-                        w.last_done = now;
-                        self.chunk_secs = 0.7 * self.chunk_secs + 0.3 * dt;
-                        if let Some(j) = self.jobs.get_mut(&done.chunk.job) {
-                            j.chunks -= 1;
-                        }
-                        self.maybe_finish_in(w, done.chunk.job);
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`maybe_finish`](Dispatcher::maybe_finish) while `w` is out of the
-    /// worker table.
-    fn maybe_finish_in(&mut self, w: &mut Worker, job: u64) {
-        let done = self
-            .jobs
-            .get(&job)
-            .is_some_and(|j| (j.sealed || j.ended) && j.chunks == 0);
-        if done && w.contexts.remove(&job) && !w.exiting {
-            wire::push_forget(&mut w.out, job);
-        }
-        self.maybe_finish(job);
     }
 
     /// A worker exited: fail the item it was running, queue the rest of its
     /// chunks again, and replace it.
-    fn on_exit(&mut self, slot: usize, mut w: Worker) {
+    fn on_exit(&mut self, slot: usize) {
+        let mut w = self.workers[slot].take().expect("a worker in the slot");
         // Results it wrote before dying are still in the socket.
         if !w.eof {
             while let Ok(Fill::Data) = w.reader.fill(w.sock.as_fd()) {
-                self.frames(&mut w);
-                if w.fault.is_some() {
+                self.broken =
+                    self.broken
+                        .take()
+                        .or(frames(&mut w, &mut self.jobs, &mut self.chunk_secs));
+                if w.fate.fault.is_some() {
                     break;
                 }
             }
@@ -698,98 +468,46 @@ impl Dispatcher {
             "multiproc: pool worker {} exited with code {exitcode} (started {started}, finished {finished})",
             w.pid
         );
+        let held = w.ledger.drain();
+        for inf in &held {
+            self.jobs.retire(inf.chunk.job);
+        }
         let running = (started > finished).then(|| started - 1);
-        let mut fault = w.fault.take();
-        let (timed_out, pid) = (w.timed_out, w.pid);
-        // With no running item, a protocol fault is charged to the first
-        // unreported item.
-        let mut blame_first = running.is_none() && fault.is_some();
-        let mut error_for = |seq: u64| -> Error {
-            if timed_out == Some(seq) {
+        let mut fault = w.fate.fault.take();
+        let settlement = ledger::settle(held, running, fault.is_some());
+        for (job, index, seq) in settlement.failed {
+            let error = if w.fate.timed_out == Some(seq) {
                 Error::Timeout
-            } else if let Some(e) = fault.take() {
-                e
+            } else if let Some(f) = fault.take() {
+                f.into()
             } else {
-                Error::Died { pid, exitcode }
-            }
-        };
-        let mut again: Vec<Chunk> = Vec::new();
-        let mut failed: Vec<(u64, u64, Error)> = Vec::new();
-        for inf in w.inflight.drain(..) {
-            let c = inf.chunk;
-            let first = c.start + inf.reported;
-            if let Some(j) = self.jobs.get_mut(&c.job) {
-                j.chunks -= 1;
-            }
-            if first == c.end {
-                continue;
-            }
-            let seq_of = |i: u32| inf.seq_base + u64::from(i - c.start);
-            let culprit = match running {
-                Some(r) if r >= seq_of(first) && r < seq_of(c.end) => {
-                    Some(c.start + (r - inf.seq_base) as u32)
-                }
-                None if blame_first => {
-                    blame_first = false;
-                    Some(first)
-                }
-                _ => None,
-            };
-            let mut push = |start: u32, end: u32| {
-                if start < end {
-                    let mut piece = c.clone();
-                    piece.start = start;
-                    piece.end = end;
-                    again.push(piece);
+                Error::Died {
+                    pid: w.pid,
+                    exitcode,
                 }
             };
-            match culprit {
-                Some(i) => {
-                    push(first, i);
-                    failed.push((c.job, c.base + u64::from(i), error_for(seq_of(i))));
-                    push(i + 1, c.end);
-                }
-                None => push(first, c.end),
-            }
+            self.jobs.send(job, JobMsg::Failed { index, error });
         }
-        for (job, index, error) in failed {
-            if let Some(j) = self.jobs.get(&job) {
-                j.tx.send(JobMsg::Failed { index, error });
-            }
-        }
-        for mut piece in again.into_iter().rev() {
-            if let Some(j) = self.jobs.get_mut(&piece.job) {
-                if !j.ended {
-                    j.chunks += 1;
-                    piece.id = self.next_chunk;
-                    self.next_chunk += 1;
-                    self.pending.push_front(piece);
-                }
-            }
-        }
-        let jobs: Vec<u64> = self.jobs.keys().copied().collect();
-        for job in jobs {
-            self.maybe_finish(job);
-        }
+        self.jobs.requeue(settlement.again);
         // A worker that dies before running anything, unasked, counts
         // towards giving up.
-        if started == 0 && !w.produced && !w.exiting && w.timed_out.is_none() {
+        if started == 0 && !w.produced && !w.fate.exiting && w.fate.timed_out.is_none() {
             self.startup_deaths += 1;
             if self.startup_deaths >= MAX_STARTUP_DEATHS && self.broken.is_none() {
-                self.broken = Some((
-                    "pool worker start".into(),
-                    format!(
+                self.broken = Some(PoolFailure::Setup {
+                    step: "pool worker start",
+                    message: format!(
                         "{} workers in a row died before running a task (last: pid {}, exit code {})",
                         self.startup_deaths, w.pid, exitcode
                     ),
-                ));
+                });
             }
         } else {
             self.startup_deaths = 0;
         }
         drop(w);
-        if let Some((step, msg)) = self.broken.clone() {
-            self.abort_all(&step, &msg);
+        if let Some(b) = self.broken.clone() {
+            self.abort_all(b);
         }
         if self.exit_sent || self.broken.is_some() {
             return;
@@ -797,20 +515,21 @@ impl Dispatcher {
         if let Err(e) = self.spawn(slot) {
             log::error!("multiproc: cannot replace a pool worker: {e}");
             if self.workers.iter().all(Option::is_none) {
-                self.broken = Some(("pool worker start".into(), e.to_string()));
-                self.abort_all("pool worker start", &e.to_string());
+                let b = PoolFailure::Setup {
+                    step: "pool worker start",
+                    message: e.to_string(),
+                };
+                self.broken = Some(b.clone());
+                self.abort_all(b);
             }
         }
     }
 
     /// Fails every job and drops the queue (the pool is broken).
-    fn abort_all(&mut self, step: &str, msg: &str) {
-        self.pending.clear();
-        for (_, j) in self.jobs.drain() {
-            j.tx.send(JobMsg::Abort(setup_error(step, msg)));
-        }
+    fn abort_all(&mut self, why: PoolFailure) {
+        self.jobs.abort_all(|| why.clone().into());
         for w in self.workers.iter_mut().flatten() {
-            w.inflight.clear();
+            w.ledger.drain();
         }
     }
 
@@ -822,7 +541,7 @@ impl Dispatcher {
         let now = Instant::now();
         for (slot, w) in self.workers.iter_mut().enumerate() {
             let Some(w) = w else { continue };
-            if w.inflight.is_empty() || w.timed_out.is_some() || w.fault.is_some() {
+            if w.ledger.is_empty() || w.fate.timed_out.is_some() || w.fate.fault.is_some() {
                 continue;
             }
             let p = self.progress.slot(slot);
@@ -833,7 +552,7 @@ impl Dispatcher {
             } else if w.watch.0 != started {
                 w.watch = (started, now);
             } else if now.duration_since(w.watch.1) >= limit {
-                w.timed_out = Some(started - 1);
+                w.fate.timed_out = Some(started - 1);
                 let _ = w.process.kill();
             }
         }
@@ -849,10 +568,7 @@ impl Dispatcher {
             .collect();
         popen::stop_all(&popens, Sig::SIGKILL, Duration::ZERO);
         self.workers.iter_mut().for_each(|w| *w = None);
-        self.pending.clear();
-        for (_, j) in self.jobs.drain() {
-            j.tx.send(JobMsg::Abort(Error::PoolClosed));
-        }
+        self.jobs.abort_all(|| Error::PoolClosed);
     }
 }
 
@@ -866,58 +582,100 @@ impl Drop for Dispatcher {
     }
 }
 
-/// The first queued chunk whose job still wants it (chunks of ended jobs
-/// are dropped on the way).
-fn pop_live(pending: &mut VecDeque<Chunk>, jobs: &mut HashMap<u64, Job>) -> Option<Chunk> {
-    while let Some(c) = pending.pop_front() {
-        match jobs.get_mut(&c.job) {
-            Some(j) if !j.ended => return Some(c),
-            Some(j) => j.chunks -= 1,
-            None => {}
-        }
-    }
-    None
-}
-
-/// Writes as much of the worker's queued bytes as the socket takes.
-fn write_out(w: &mut Worker) {
-    while w.out_pos < w.out.len() {
-        match sys::write_some(w.sock.as_fd(), &w.out[w.out_pos..]) {
-            Ok(n) => w.out_pos += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(_) => {
-                // The worker is gone; its sentinel will tell.
-                w.out_pos = w.out.len();
+/// Reads what the worker sent (a bounded number of reads) and handles
+/// every whole frame. `Some` if the pool broke (the initializer failed).
+fn read_from(w: &mut Worker, jobs: &mut JobTable, chunk_secs: &mut f64) -> Option<PoolFailure> {
+    let mut broken = None;
+    for _ in 0..8 {
+        match w.reader.fill(w.sock.as_fd()) {
+            Ok(Fill::Data) => {
+                broken = broken.or(frames(w, jobs, chunk_secs));
+                // A short read took all there was: poll says when more
+                // comes, no need for a read that fails with EAGAIN.
+                if w.reader.drained() {
+                    break;
+                }
+            }
+            Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(Error::Codec(e)) => {
+                w.fault(PoolFailure::Protocol(e.to_string()));
+                break;
+            }
+            // End of file, or a reset (the worker exited with bytes
+            // unread): a worker closes its socket only by exiting. Its
+            // sentinel reports the exit.
+            Ok(Fill::Eof) | Err(_) => {
+                w.eof = true;
+                if !w.fate.exiting {
+                    let _ = w.process.kill();
+                }
+                break;
             }
         }
+        if w.fate.fault.is_some() {
+            break;
+        }
     }
-    w.out.clear();
-    w.out_pos = 0;
-    if w.out.capacity() > 4 * OUT_HIGH_WATER {
-        w.out = Vec::new();
-    }
+    broken
 }
 
-/// Records a protocol error from `w` and kills it; the item it was running
-/// (or its first unreported one) fails with `e`.
-fn fault(w: &mut Worker, e: Error) {
-    if w.fault.is_none() {
-        w.fault = Some(e);
-        w.eof = true;
-        let _ = w.process.kill();
-    }
-}
-
-fn protocol(what: &str) -> Error {
-    crate::error::CodecError::new(crate::error::CodecErrorKind::Invalid(format!(
-        "pool protocol: {what}"
-    )))
-    .into()
-}
-
-fn setup_error(step: &str, msg: &str) -> Error {
-    Error::Setup {
-        step: step.to_string(),
-        source: io::Error::other(msg.to_string()),
+/// Handles the whole frames buffered from `w`: results go to their job,
+/// and finished chunks leave the worker's ledger and the job's count.
+/// `Some` if the worker reported that the initializer failed.
+fn frames(w: &mut Worker, jobs: &mut JobTable, chunk_secs: &mut f64) -> Option<PoolFailure> {
+    loop {
+        let payload = match w.reader.next_payload() {
+            Ok(Some(p)) => p,
+            Ok(None) => return None,
+            Err(e) => {
+                w.fault(PoolFailure::Protocol(e.to_string()));
+                return None;
+            }
+        };
+        let msg = match wire::parse_from_worker(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                w.fault(PoolFailure::Protocol(e.to_string()));
+                return None;
+            }
+        };
+        match msg {
+            FromWorker::InitFailed { message } => {
+                return Some(PoolFailure::Setup {
+                    step: "pool initializer",
+                    message,
+                });
+            }
+            FromWorker::Results {
+                chunk,
+                start,
+                count,
+                entries,
+            } => {
+                let r = match w.ledger.report(chunk, start, count) {
+                    Ok(r) => r,
+                    Err(what) => {
+                        w.fault(PoolFailure::protocol(what));
+                        return None;
+                    }
+                };
+                w.produced = true;
+                jobs.send(
+                    r.job,
+                    JobMsg::Results {
+                        base: r.index,
+                        count,
+                        bytes: entries.to_vec(),
+                    },
+                );
+                if r.completes {
+                    let now = Instant::now();
+                    let dt = now.duration_since(w.last_done).as_secs_f64();
+                    w.last_done = now;
+                    *chunk_secs = 0.7 * *chunk_secs + 0.3 * dt;
+                    jobs.retire(r.job);
+                }
+            }
+        }
     }
 }

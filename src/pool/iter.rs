@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::dispatcher::JobMsg;
+use super::protocol::JobMsg;
 use super::result::{decode_results, replicate, JobHandle};
 use crate::codec;
 use crate::error::{Error, Result};

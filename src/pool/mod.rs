@@ -17,7 +17,7 @@
 //!
 //! ## Callers → dispatcher
 //!
-//! A crossbeam channel of [`dispatcher::Command`]s (`Job`, `Chunk`, `Seal`,
+//! A crossbeam channel of [`protocol::Command`]s (`Job`, `Chunk`, `Seal`,
 //! `EndJob`, `Close`, `Terminate`) plus a non-blocking wake pipe, written only
 //! when the dispatcher was not already notified (one write per burst). Each
 //! job has its own channel back: `Results{base, count, bytes}` (entries still
@@ -87,7 +87,10 @@
 
 mod dispatcher;
 mod iter;
+mod jobs;
+mod ledger;
 mod mailbox;
+mod protocol;
 mod result;
 mod wire;
 mod worker;
@@ -105,8 +108,9 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::sys::{self, Trampoline};
-use dispatcher::{Command, Config, Dispatcher, Wake};
+use dispatcher::{Config, Dispatcher};
 pub use iter::{Imap, ImapUnordered};
+use protocol::{Command, TaskRef, Wake};
 pub use result::AsyncResult;
 use result::{All, Chunker, Gather, JobHandle, One};
 
@@ -292,9 +296,12 @@ pub(crate) fn default_chunksize(len: usize, processes: usize) -> usize {
 
 /// The addresses a worker needs to run `f` over items: `f` itself and the
 /// trampoline monomorphized for `(T, R)`.
-fn map_task<T: DeserializeOwned, R: Serialize>(f: fn(T) -> R) -> (usize, usize) {
+fn map_task<T: DeserializeOwned, R: Serialize>(f: fn(T) -> R) -> TaskRef {
     let tramp: Trampoline = worker::tramp_map::<T, R>;
-    (sys::fn_addr(f), sys::fn_addr(tramp))
+    TaskRef {
+        f: sys::fn_addr(f),
+        tramp: sys::fn_addr(tramp),
+    }
 }
 
 impl Pool {
@@ -357,8 +364,7 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let (f, tramp) = map_task(f);
-        self.gather(f, tramp, None, items, chunksize)?.finish()
+        self.gather(map_task(f), None, items, chunksize)?.finish()
     }
 
     /// [`map`](Pool::map) with a shared context: `ctx` is encoded once and
@@ -391,15 +397,17 @@ impl Pool {
         let mut raw = Vec::new();
         crate::codec::encode_value(ctx, &mut raw)?;
         let tramp: Trampoline = worker::tramp_with::<C, T, R>;
-        self.gather(sys::fn_addr(f), sys::fn_addr(tramp), Some(raw), items, 0)?
-            .finish()
+        let task = TaskRef {
+            f: sys::fn_addr(f),
+            tramp: sys::fn_addr(tramp),
+        };
+        self.gather(task, Some(raw), items, 0)?.finish()
     }
 
     /// Starts a job of known length and submits all its chunks.
     fn gather<T: Serialize, R: DeserializeOwned>(
         &self,
-        f: usize,
-        tramp: usize,
+        task: TaskRef,
         ctx: Option<Vec<u8>>,
         items: impl IntoIterator<Item = T>,
         chunksize: usize,
@@ -412,7 +420,7 @@ impl Pool {
             let v: Vec<T> = iter.collect();
             (v.len(), Box::new(v.into_iter()))
         };
-        let job = JobHandle::start(&self.inner, f, tramp, ctx)?;
+        let job = JobHandle::start(&self.inner, task, ctx)?;
         let chunksize = if chunksize == 0 {
             default_chunksize(len, self.inner.processes)
         } else {
@@ -458,8 +466,7 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let (f, tramp) = map_task(f);
-        let job = JobHandle::start(&self.inner, f, tramp, None);
+        let job = JobHandle::start(&self.inner, map_task(f), None);
         Imap::new(job, items.into_iter(), self.inner.processes, None)
     }
 
@@ -479,8 +486,7 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let (f, tramp) = map_task(f);
-        let job = JobHandle::start(&self.inner, f, tramp, None);
+        let job = JobHandle::start(&self.inner, map_task(f), None);
         Imap::new(
             job,
             items.into_iter(),
@@ -509,8 +515,7 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let (f, tramp) = map_task(f);
-        let job = JobHandle::start(&self.inner, f, tramp, None);
+        let job = JobHandle::start(&self.inner, map_task(f), None);
         ImapUnordered::new(job, items.into_iter(), self.inner.processes, None)
     }
 
@@ -541,9 +546,9 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned + Send + 'static,
     {
-        let (f, tramp) = map_task(f);
+        let task = map_task(f);
         let g = self
-            .gather(f, tramp, None, std::iter::once(arg), 1)
+            .gather(task, None, std::iter::once(arg), 1)
             .unwrap_or_else(Gather::failed);
         AsyncResult::new(One(g))
     }
@@ -566,9 +571,9 @@ impl Pool {
         T: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned + Send + 'static,
     {
-        let (f, tramp) = map_task(f);
+        let task = map_task(f);
         let g = self
-            .gather(f, tramp, None, items, 0)
+            .gather(task, None, items, 0)
             .unwrap_or_else(Gather::failed);
         AsyncResult::new(All(g))
     }

@@ -10,7 +10,7 @@ use super::mailbox::{mailbox, MailReceiver, RecvTimeoutError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::dispatcher::{Command, JobMsg};
+use super::protocol::{Command, JobMsg, TaskRef};
 use super::wire;
 use super::Inner;
 use crate::codec;
@@ -28,11 +28,10 @@ pub(crate) struct JobHandle {
 }
 
 impl JobHandle {
-    /// Registers a job running `tramp(f)` (and `ctx`) with the dispatcher.
+    /// Registers a job running `task` (and `ctx`) with the dispatcher.
     pub(crate) fn start(
         inner: &Arc<Inner>,
-        f: usize,
-        tramp: usize,
+        task: TaskRef,
         ctx: Option<Vec<u8>>,
     ) -> Result<JobHandle> {
         if inner.is_closed() {
@@ -40,13 +39,7 @@ impl JobHandle {
         }
         let id = inner.next_job();
         let (tx, rx) = mailbox();
-        inner.send(Command::Job {
-            id,
-            tx,
-            f,
-            tramp,
-            ctx,
-        })?;
+        inner.send(Command::Job { id, tx, task, ctx })?;
         Ok(JobHandle {
             inner: Arc::clone(inner),
             id,
