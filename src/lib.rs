@@ -132,6 +132,7 @@ mod popen;
 mod process;
 mod spawn;
 mod supervisor;
+mod sync;
 mod sys;
 mod unwind;
 
@@ -154,6 +155,9 @@ pub use supervisor::{fork_processes, task_id, Role, Stopped, Supervisor};
 
 // The daemon layer.
 pub use daemon::Daemon;
+
+// Shared state (issue 10).
+pub use sync::{Lock, LockGuard};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]
