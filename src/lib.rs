@@ -157,7 +157,10 @@ pub use supervisor::{fork_processes, task_id, Role, Stopped, Supervisor};
 pub use daemon::Daemon;
 
 // Shared state (issue 10).
-pub use sync::{Lock, LockGuard};
+pub use sync::{
+    Array, ArrayGuard, Barrier, Event, Lock, LockGuard, RLock, RLockGuard, Semaphore, Value,
+    ValueGuard,
+};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

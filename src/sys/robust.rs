@@ -59,7 +59,6 @@ pub(crate) enum MutexKind {
 /// A robust, process-shared mutex at the start of its own anonymous
 /// mapping, followed by a payload only its holder may touch.
 #[derive(Debug)]
-#[allow(dead_code)] // the payload serves Value and Array
 pub(crate) struct RobustMutex {
     map: SharedMapping,
     payload_offset: usize,
@@ -202,7 +201,7 @@ impl RobustMutex {
     }
 
     /// The payload's length in bytes.
-    #[allow(dead_code)]
+    #[allow(dead_code)] // for the fork server / queue
     pub(crate) fn payload_len(&self) -> usize {
         self.payload_len
     }
@@ -259,7 +258,6 @@ pub(crate) struct RobustGuard<'a> {
     _not_send: PhantomData<std::sync::MutexGuard<'static, ()>>,
 }
 
-#[allow(dead_code)] // the payload serves Value and Array
 impl RobustGuard<'_> {
     /// The previous holder died holding the mutex; this guard took it over.
     pub(crate) fn owner_died(&self) -> bool {
