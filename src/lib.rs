@@ -130,6 +130,7 @@ mod finalize;
 mod pool;
 mod popen;
 mod process;
+mod shm;
 mod spawn;
 mod supervisor;
 mod sync;
@@ -157,6 +158,7 @@ pub use supervisor::{fork_processes, task_id, Role, Stopped, Supervisor};
 pub use daemon::Daemon;
 
 // Shared state (issue 10).
+pub use shm::SharedMemory;
 pub use sync::{
     Array, ArrayGuard, Barrier, Event, Lock, LockGuard, RLock, RLockGuard, Semaphore, Value,
     ValueGuard,

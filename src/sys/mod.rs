@@ -27,10 +27,8 @@ mod wait;
 pub(crate) use daemon::*;
 pub(crate) use fd::*;
 pub(crate) use fork::*;
-#[allow(unused_imports)]
 pub(crate) use futex::*;
 pub(crate) use mem::*;
-#[allow(unused_imports)]
 pub(crate) use mman::*;
 #[allow(unused_imports)]
 pub(crate) use pool::*;
