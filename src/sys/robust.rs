@@ -145,12 +145,14 @@ impl RobustMutex {
         })
     }
 
+    #[inline]
     fn raw(&self) -> *mut libc::pthread_mutex_t {
         self.map.as_ptr().cast()
     }
 
     /// Takes the mutex: `Ok(None)` when `timeout` elapsed first (`None`: wait
     /// for as long as it takes).
+    #[inline]
     pub(crate) fn lock(&self, timeout: Option<Duration>) -> io::Result<Option<RobustGuard<'_>>> {
         let code = match timeout {
             // SAFETY: `raw()` is a mutex initialized in `new` that lives as
@@ -167,6 +169,7 @@ impl RobustMutex {
 
     /// Takes the mutex if it is free: `Ok(None)` when another thread or
     /// process holds it, or (non-recursive) the calling thread does.
+    #[inline]
     pub(crate) fn try_lock(&self) -> io::Result<Option<RobustGuard<'_>>> {
         // SAFETY: as in `lock`.
         let code = unsafe { libc::pthread_mutex_trylock(self.raw()) };
@@ -177,6 +180,7 @@ impl RobustMutex {
         self.finish(code)
     }
 
+    #[inline]
     fn finish(&self, code: libc::c_int) -> io::Result<Option<RobustGuard<'_>>> {
         let guard = |owner_died| RobustGuard {
             mutex: self,
@@ -287,6 +291,7 @@ impl RobustGuard<'_> {
 }
 
 impl Drop for RobustGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         // SAFETY: this thread holds the mutex (the guard's invariant), so
         // unlocking it is valid; it cannot fail for a held robust mutex.
