@@ -60,6 +60,26 @@
 //! # Ok::<(), multiproc::Error>(())
 //! ```
 //!
+//! Shared state works between processes as between threads: [`Lock`],
+//! [`RLock`], [`Semaphore`], [`Event`], [`Barrier`], [`Value`] and [`Array`]
+//! live in shared memory made before the fork, wait on futexes, and have a
+//! timeout variant of every wait. The locks are robust: when a holder dies
+//! holding one, the next locker takes it over at once and its guard says
+//! [`owner_died`](LockGuard::owner_died). [`SharedMemory`] is a block of bytes
+//! shared through `fork` or by name (POSIX shared memory).
+//!
+//! ```
+//! use multiproc::{Process, Value};
+//!
+//! let hits = Value::new(0u32)?;
+//! let h = hits.clone();
+//! let mut child = Process::new(move || h.update(|n| *n += 1));
+//! child.start()?;
+//! child.join()?;
+//! assert_eq!(hits.get(), 1);
+//! # Ok::<(), multiproc::Error>(())
+//! ```
+//!
 //! For servers: [`fork_processes`] and [`task_id`] (tornado's pre-fork
 //! model) on a [`Supervisor`] with signal forwarding, rolling restarts and a
 //! back-off; [`Daemon`] to detach into the background with a locked pid
