@@ -442,3 +442,54 @@ fn handles_are_send_sync_clone() {
     check::<Array<f32>>();
     check::<multiproc::SharedMemory>();
 }
+
+#[test]
+fn contended_lock_across_threads_and_processes_loses_no_wakeup() {
+    const PROCS: usize = 3;
+    const THREADS: usize = 3;
+    const N: u64 = 2000;
+    let lock = Lock::new().unwrap();
+    let count = Value::new(0u64).unwrap();
+    let rlock = RLock::new().unwrap();
+    let work = move |lock: Lock, count: Value<u64>, rlock: RLock| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (l, c, r) = (lock.clone(), count.clone(), rlock.clone());
+                std::thread::spawn(move || {
+                    for i in 0..N {
+                        let Some(_g) = l.lock_timeout(DEADLINE).unwrap() else {
+                            return false;
+                        };
+                        if i % 16 == 0 {
+                            // Let the others pile up behind the lock.
+                            std::thread::yield_now();
+                        }
+                        let Some(mut v) = c.lock_timeout(DEADLINE).unwrap() else {
+                            return false;
+                        };
+                        *v += 1;
+                        drop(v);
+                        let Some(_r1) = r.lock_timeout(DEADLINE).unwrap() else {
+                            return false;
+                        };
+                        let _r2 = r.try_lock().unwrap().expect("re-entry");
+                    }
+                    true
+                })
+            })
+            .collect();
+        threads.into_iter().all(|t| t.join().unwrap())
+    };
+    let children: Vec<Reaped> = (0..PROCS)
+        .map(|_| {
+            let (l, c, r) = (lock.clone(), count.clone(), rlock.clone());
+            start(move || multiproc::exit(if work(l, c, r) { 0 } else { 1 }))
+        })
+        .collect();
+    assert!(work(lock.clone(), count.clone(), rlock.clone()));
+    for c in &children {
+        assert_eq!(exit_code(c), 0);
+    }
+    assert_eq!(count.get(), (PROCS as u64 + 1) * THREADS as u64 * N);
+    assert!(!lock.try_lock().unwrap().unwrap().owner_died());
+}

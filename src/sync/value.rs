@@ -14,6 +14,7 @@ use std::marker::PhantomData;
 use std::mem;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytemuck::Pod;
 
@@ -211,6 +212,47 @@ impl<T: Pod> Value<T> {
             raw,
             _t: PhantomData,
         })
+    }
+
+    /// Takes the value's lock if it is free: `Ok(None)` when another thread
+    /// or process holds it, or the calling thread itself does.
+    ///
+    /// # Errors
+    /// As for [`lock`](Value::lock).
+    ///
+    /// ```
+    /// let v = multiproc::Value::new(1u8)?;
+    /// let g = v.try_lock()?.expect("free");
+    /// assert!(v.try_lock()?.is_none());
+    /// drop(g);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn try_lock(&self) -> Result<Option<ValueGuard<'_, T>>> {
+        Ok(self.inner.try_lock()?.map(|raw| ValueGuard {
+            raw,
+            _t: PhantomData,
+        }))
+    }
+
+    /// Takes the value's lock, waiting at most `timeout`: `Ok(None)` when it
+    /// was still held at the deadline.
+    ///
+    /// # Errors
+    /// As for [`lock`](Value::lock).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let v = multiproc::Value::new(1u8)?;
+    /// let mut g = v.lock_timeout(Duration::from_secs(1))?.expect("free");
+    /// *g = 2;
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<ValueGuard<'_, T>>> {
+        Ok(self.inner.lock(Some(timeout))?.map(|raw| ValueGuard {
+            raw,
+            _t: PhantomData,
+        }))
     }
 }
 
@@ -428,6 +470,47 @@ impl<T: Pod> Array<T> {
             raw,
             _t: PhantomData,
         })
+    }
+
+    /// Takes the array's lock if it is free: `Ok(None)` when another thread
+    /// or process holds it, or the calling thread itself does.
+    ///
+    /// # Errors
+    /// As for [`Value::lock`].
+    ///
+    /// ```
+    /// let a = multiproc::Array::<u8>::new(2)?;
+    /// let g = a.try_lock()?.expect("free");
+    /// assert!(a.try_lock()?.is_none());
+    /// drop(g);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn try_lock(&self) -> Result<Option<ArrayGuard<'_, T>>> {
+        Ok(self.inner.try_lock()?.map(|raw| ArrayGuard {
+            raw,
+            _t: PhantomData,
+        }))
+    }
+
+    /// Takes the array's lock, waiting at most `timeout`: `Ok(None)` when it
+    /// was still held at the deadline.
+    ///
+    /// # Errors
+    /// As for [`Value::lock`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let a = multiproc::Array::<u8>::new(2)?;
+    /// a.lock_timeout(Duration::from_secs(1))?.expect("free")[1] = 5;
+    /// assert_eq!(a.to_vec(), [0, 5]);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<ArrayGuard<'_, T>>> {
+        Ok(self.inner.lock(Some(timeout))?.map(|raw| ArrayGuard {
+            raw,
+            _t: PhantomData,
+        }))
     }
 }
 
