@@ -493,3 +493,26 @@ fn contended_lock_across_threads_and_processes_loses_no_wakeup() {
     assert_eq!(count.get(), (PROCS as u64 + 1) * THREADS as u64 * N);
     assert!(!lock.try_lock().unwrap().unwrap().owner_died());
 }
+
+#[test]
+fn event_set_then_clear_still_releases_the_waiters_of_that_set() {
+    let event = Event::new().unwrap();
+    let (mut ours, mut theirs) = pipe().unwrap();
+    let e = event.clone();
+    let child = start(move || {
+        theirs.send(&"waiting").unwrap();
+        let set = e.wait(Some(DEADLINE)).unwrap();
+        multiproc::exit(if set { 0 } else { 1 });
+    });
+    assert_eq!(recv::<String>(&mut ours), "waiting");
+    // Let the child go to sleep; a child that checks the flag after the
+    // clear must still see that a set happened since it started waiting.
+    assert!(common::eventually(DEADLINE, || {
+        common::stat_fields(child.pid().unwrap())
+            .is_some_and(|f| f.first().is_some_and(|s| s == "S"))
+    }));
+    event.set();
+    event.clear();
+    assert_eq!(exit_code(&child), 0);
+    assert!(!event.is_set());
+}

@@ -9,8 +9,12 @@ use super::Deadline;
 use crate::error::Result;
 use crate::sys::{futex_wait, futex_wake, SharedMapping};
 
-const FLAG: usize = 0;
+/// The futex word: bit 0 is the flag; the bits above count the `set`s that
+/// raised it (wrapping), so that a waiter woken by a `set` returns `true`
+/// even if a `clear` came before it ran (as Python's `Event.wait` does).
+const WORD: usize = 0;
 const WAITERS: usize = 4;
+const FLAG: u32 = 1;
 
 /// A flag shared between processes and threads that they can wait for
 /// (`multiprocessing.Event`).
@@ -64,8 +68,8 @@ impl Event {
         })
     }
 
-    fn flag(&self) -> &AtomicU32 {
-        self.map.atomic_u32(FLAG)
+    fn word(&self) -> &AtomicU32 {
+        self.map.atomic_u32(WORD)
     }
 
     fn waiters(&self) -> &AtomicU32 {
@@ -81,9 +85,14 @@ impl Event {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn set(&self) {
-        self.flag().store(1, SeqCst);
-        if self.waiters().load(SeqCst) > 0 {
-            futex_wake(self.flag(), u32::MAX);
+        let raised = self
+            .word()
+            .fetch_update(SeqCst, SeqCst, |w| {
+                (w & FLAG == 0).then(|| (w | FLAG).wrapping_add(2))
+            })
+            .is_ok();
+        if raised && self.waiters().load(SeqCst) > 0 {
+            futex_wake(self.word(), u32::MAX);
         }
     }
 
@@ -98,7 +107,7 @@ impl Event {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn clear(&self) {
-        self.flag().store(0, SeqCst);
+        self.word().fetch_and(!FLAG, SeqCst);
     }
 
     /// Whether the flag is raised.
@@ -109,7 +118,7 @@ impl Event {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn is_set(&self) -> bool {
-        self.flag().load(SeqCst) != 0
+        self.word().load(SeqCst) & FLAG != 0
     }
 
     /// Sleeps until the flag is raised, at most `timeout` (`None`: no
@@ -130,20 +139,26 @@ impl Event {
     /// ```
     pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
         let deadline = Deadline::after(timeout);
+        let start = self.word().load(SeqCst);
+        if start & FLAG != 0 {
+            return Ok(true);
+        }
         loop {
-            if self.is_set() {
-                return Ok(true);
-            }
             let Some(left) = deadline.remaining() else {
-                return Ok(false);
+                return Ok(self.is_set());
             };
-            // Announce the sleep, then sleep only while the flag is still 0:
-            // a `set` in between either sees the waiter or fails the futex's
-            // value check.
+            // Announce the sleep, then sleep only while the word is still
+            // `start`: a `set` in between either sees the waiter or fails the
+            // futex's value check.
             self.waiters().fetch_add(1, SeqCst);
-            let r = futex_wait(self.flag(), 0, left);
+            let r = futex_wait(self.word(), start, left);
             self.waiters().fetch_sub(1, SeqCst);
             r?;
+            let now = self.word().load(SeqCst);
+            // Raised now, or raised (and maybe cleared) since we started.
+            if now & FLAG != 0 || now >> 1 != start >> 1 {
+                return Ok(true);
+            }
         }
     }
 }

@@ -22,7 +22,10 @@ const WAITERS: usize = 4;
 /// Python. A handle: clones and forked copies share the count.
 ///
 /// A process killed while it holds units does not give them back (a
-/// semaphore has no owner), unlike a [`Lock`](crate::Lock).
+/// semaphore has no owner), unlike a [`Lock`](crate::Lock). Nor does one
+/// killed in the instant between being woken by a `release` and taking the
+/// unit pass the wake-up on: another sleeper then waits for the next
+/// `release` or its timeout (POSIX semaphores, under Python's, behave alike).
 ///
 /// ```
 /// use multiproc::{Process, Semaphore};
