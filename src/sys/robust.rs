@@ -921,6 +921,52 @@ mod tests {
         }
     }
 
+    /// The `next` links on this thread's robust list, in list order.
+    fn robust_list() -> Vec<usize> {
+        let me = me().unwrap();
+        let mut links = Vec::new();
+        // SAFETY: walks this thread's live list, as the kernel would.
+        unsafe {
+            let mut p = (*me.head).list;
+            while p != me.head.cast::<u8>() {
+                links.push(p as usize & !1);
+                p = *(p as *mut *mut u8);
+                assert!(links.len() < 1000, "the robust list loops");
+            }
+        }
+        links
+    }
+
+    #[test]
+    fn the_robust_list_holds_exactly_the_held_locks() {
+        let locks: Vec<RobustMutex> = (0..6)
+            .map(|i| new(BOTH[i % 2], MutexKind::ErrorCheck, 0))
+            .collect();
+        let link = |i: usize| locks[i].map.as_ptr() as usize + NEXT_OFFSET;
+        let mut held: Vec<Option<RobustGuard<'_>>> = (0..6).map(|_| None).collect();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..3000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let i = (rng % 6) as usize;
+            held[i] = match held[i].take() {
+                Some(g) => {
+                    drop(g);
+                    None
+                }
+                None => Some(locks[i].lock(None).unwrap().unwrap()),
+            };
+            let mut want: Vec<usize> = (0..6).filter(|&j| held[j].is_some()).map(link).collect();
+            let mut got = robust_list();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "step {step}");
+        }
+        held.clear();
+        assert!(robust_list().is_empty());
+    }
+
     #[test]
     fn a_forked_child_locks_with_its_own_thread_id() {
         let m = new(Backend::Futex, MutexKind::ErrorCheck, 0);
