@@ -293,7 +293,9 @@ impl RobustMutex {
                 .compare_exchange(0, me.tid, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
-                l.count.store(1, Ordering::Relaxed);
+                if self.kind == MutexKind::Recursive {
+                    l.count.store(1, Ordering::Relaxed);
+                }
                 me.enqueue(l);
                 me.clear_pending();
                 return Ok(Some(false));
@@ -320,7 +322,9 @@ impl RobustMutex {
                     .compare_exchange(v, new, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
-                    l.count.store(1, Ordering::Relaxed);
+                    if self.kind == MutexKind::Recursive {
+                        l.count.store(1, Ordering::Relaxed);
+                    }
                     me.enqueue(l);
                     break Ok(Some(v & FUTEX_OWNER_DIED != 0));
                 }
@@ -362,12 +366,13 @@ impl RobustMutex {
             // Not ours: a guard copied into a forked child, dropped there.
             return;
         }
-        let c = l.count.load(Ordering::Relaxed);
-        if c > 1 {
-            l.count.store(c - 1, Ordering::Relaxed);
-            return;
+        if self.kind == MutexKind::Recursive {
+            let c = l.count.load(Ordering::Relaxed);
+            if c > 1 {
+                l.count.store(c - 1, Ordering::Relaxed);
+                return;
+            }
         }
-        l.count.store(0, Ordering::Relaxed);
         me.set_pending(l);
         me.dequeue(l);
         let old = word.swap(0, Ordering::Release);
@@ -543,7 +548,7 @@ struct FutexLock {
     /// The holder's thread id, `| FUTEX_WAITERS` when someone sleeps on it,
     /// or `FUTEX_OWNER_DIED` (with no id) after the holder died.
     word: AtomicU32,
-    /// Recursion depth, touched by the holder only.
+    /// Recursion depth of a recursive lock, touched by the holder only.
     count: AtomicU32,
     /// pthread_mutex_t's `__owner`, `__nusers`, `__kind`, `__spins`: unused.
     _reserved: [AtomicU32; 4],
