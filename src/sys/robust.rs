@@ -25,11 +25,17 @@
 //!   mutexes next to ours and the kernel walks both. The head is found with
 //!   `get_robust_list(0)`, and its `futex_offset` is checked to be the one
 //!   this layout needs (`-32`) before the first use. The uncontended path is
-//!   one compare-and-swap and a few plain stores each way, about twice
-//!   `std::sync::Mutex`, where glibc's generic robust path costs four to
-//!   five times as much. The calling thread's id (the lock word's owner) is
-//!   cached per thread and forgotten in the child of every `fork` (a
-//!   `pthread_atfork` handler), where the thread has a new id.
+//!   one compare-and-swap and a few plain stores each way: 1.5 to 2 times
+//!   `std::sync::Mutex` (`benches/shared.rs`), where glibc's generic robust
+//!   path costs 3 to 5 times as much. The calling thread's id (the lock
+//!   word's owner) is cached per thread and forgotten in the child of every
+//!   `fork` (a `pthread_atfork` handler), where the thread has a new id.
+//!   What this relies on beyond the kernel ABI: glibc's list protocol and
+//!   its `robust_prev` link just before the head (both part of nptl since
+//!   2.5, and tied to the frozen `pthread_mutex_t` layout); the unit tests
+//!   check after random lock/unlock sequences of both kinds that the list
+//!   holds exactly the held locks, and that a dying child's mixed list is
+//!   walked by the kernel.
 //! - **`Pthread`** (other C libraries, or a glibc whose list head does not
 //!   look as expected): glibc's robust mutexes, `PTHREAD_PROCESS_SHARED` +
 //!   `PTHREAD_MUTEX_ROBUST` (+ `ERRORCHECK` or `RECURSIVE`), with
@@ -37,9 +43,10 @@
 //!   `pthread_mutex_clocklock(CLOCK_MONOTONIC)` (glibc 2.30 and later) or
 //!   `pthread_mutex_timedlock`.
 //!
-//! The choice is made once per process, before the first lock is created,
-//! and recorded in each lock, so a lock and its copies in forked children
-//! always use the same one.
+//! The choice is made once per process, before the first lock is created
+//! (`MULTIPROC_PTHREAD_LOCKS=1` in the environment forces `Pthread`), and
+//! recorded in each lock, so a lock and its copies in forked children always
+//! use the same one.
 //!
 //! Error cases, all reported as `Err`, never a panic or a hang:
 //! - `EDEADLK`: the calling thread already holds a non-recursive lock.
