@@ -60,6 +60,26 @@
 //! # Ok::<(), multiproc::Error>(())
 //! ```
 //!
+//! Shared state works between processes as between threads: [`Lock`],
+//! [`RLock`], [`Semaphore`], [`Event`], [`Barrier`], [`Value`] and [`Array`]
+//! live in shared memory made before the fork, wait on futexes, and have a
+//! timeout variant of every wait. The locks are robust: when a holder dies
+//! holding one, the next locker takes it over at once and its guard says
+//! [`owner_died`](LockGuard::owner_died). [`SharedMemory`] is a block of bytes
+//! shared through `fork` or by name (POSIX shared memory).
+//!
+//! ```
+//! use multiproc::{Process, Value};
+//!
+//! let hits = Value::new(0u32)?;
+//! let h = hits.clone();
+//! let mut child = Process::new(move || h.update(|n| *n += 1));
+//! child.start()?;
+//! child.join()?;
+//! assert_eq!(hits.get(), 1);
+//! # Ok::<(), multiproc::Error>(())
+//! ```
+//!
 //! For servers: [`fork_processes`] and [`task_id`] (tornado's pre-fork
 //! model) on a [`Supervisor`] with signal forwarding, rolling restarts and a
 //! back-off; [`Daemon`] to detach into the background with a locked pid
@@ -131,9 +151,11 @@ mod finalize;
 mod pool;
 mod popen;
 mod process;
+mod shm;
 mod spawn;
 mod stop;
 mod supervisor;
+mod sync;
 mod sys;
 mod unwind;
 
@@ -157,6 +179,13 @@ pub use supervisor::{fork_processes, task_id, Role, Stopped, Supervisor};
 
 // The daemon layer.
 pub use daemon::Daemon;
+
+// Shared state (issue 10).
+pub use shm::SharedMemory;
+pub use sync::{
+    Array, ArrayGuard, Barrier, Event, Lock, LockGuard, RLock, RLockGuard, Semaphore, Value,
+    ValueGuard,
+};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

@@ -13,9 +13,12 @@
 mod daemon;
 mod fd;
 mod fork;
+mod futex;
 mod mem;
+mod mman;
 mod pool;
 mod proc;
+mod robust;
 mod server;
 mod signal;
 mod wait;
@@ -24,10 +27,13 @@ mod wait;
 pub(crate) use daemon::*;
 pub(crate) use fd::*;
 pub(crate) use fork::*;
+pub(crate) use futex::*;
 pub(crate) use mem::*;
+pub(crate) use mman::*;
 #[allow(unused_imports)]
 pub(crate) use pool::*;
 pub(crate) use proc::*;
+pub(crate) use robust::*;
 #[allow(unused_imports)]
 pub(crate) use server::*;
 pub(crate) use signal::*;
