@@ -540,3 +540,30 @@ fn the_pthread_fallback_passes_the_same_tests() {
     assert!(status.success(), "fallback run failed:\n{text}");
     assert!(text.contains("test result: ok"), "{text}");
 }
+
+/// The shared-state example runs as a user would: exact counter, and the
+/// histogram's lock taken over from the SIGKILLed holder.
+#[test]
+fn shared_counter_example() {
+    use std::io::Read;
+    let mut child = common::ReapedChild(
+        std::process::Command::new(common::example_binary("shared_counter"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = common::wait_child(&mut child.0, DEADLINE).expect("the example ends in time");
+    let mut text = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("counter = 40000 (expected 40000)"), "{text}");
+    assert!(text.contains("victim exit code: -9"), "{text}");
+    assert!(text.contains("owner_died = true"), "{text}");
+}
