@@ -99,6 +99,19 @@ impl<'a> SeqDecoder<'a> {
     }
 }
 
+/// Decodes one `T` off the front of `input` and advances it past the value
+/// (the pool's items, packed back to back).
+#[inline]
+pub(crate) fn take_value<T: DeserializeOwned>(input: &mut &[u8]) -> Result<T> {
+    match postcard::take_from_bytes::<T>(input) {
+        Ok((value, rest)) => {
+            *input = rest;
+            Ok(value)
+        }
+        Err(e) => Err(CodecError::new(CodecErrorKind::Invalid(e.to_string())).into()),
+    }
+}
+
 /// Decodes a payload that must hold exactly one `T`.
 pub(crate) fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
     match postcard::take_from_bytes::<T>(payload) {

@@ -237,7 +237,7 @@ impl Dispatcher {
     /// The thread's body: runs until the pool is terminated, or closed and
     /// drained.
     pub(crate) fn run(mut self) {
-        let mut entries = Vec::new();
+        let mut set = sys::PollSet::default();
         let mut index = Vec::new();
         loop {
             if !self.drain_commands() {
@@ -261,24 +261,23 @@ impl Dispatcher {
                 return;
             }
             // Poll: the wake socket, then per worker its socket and sentinel.
-            entries.clear();
+            set.clear();
             index.clear();
-            entries.push(sys::poll_entry(sys::raw(&self.wake_r), false));
+            set.add(Some(self.wake_r.as_fd()), false);
             for (slot, w) in self.workers.iter().enumerate() {
                 let Some(w) = w else { continue };
-                let sock_fd = if w.eof { -1 } else { sys::raw(&w.sock) };
-                entries.push(sys::poll_entry(sock_fd, w.out.pending() > 0));
-                let sentinel = w.process.sentinel().map_or(-1, sys::raw_of);
-                entries.push(sys::poll_entry(sentinel, false));
+                let sock = (!w.eof).then(|| w.sock.as_fd());
+                set.add(sock, w.out.pending() > 0);
+                set.add(w.process.sentinel(), false);
                 index.push(slot);
             }
             let timeout = self.tick();
-            if let Err(e) = sys::poll_entries(&mut entries, timeout) {
+            if let Err(e) = set.wait(timeout) {
                 log::error!("multiproc: pool dispatcher poll failed: {e}");
                 self.kill_all();
                 return;
             }
-            if sys::poll_ready(&entries[0]).0 {
+            if set.readable(0) {
                 // One byte per burst of commands (see `Wake`): a short read
                 // empties the socket.
                 let mut buf = [0u8; 64];
@@ -286,8 +285,8 @@ impl Dispatcher {
                 self.wake.clear();
             }
             for (k, &slot) in index.iter().enumerate() {
-                let (readable, writable) = sys::poll_ready(&entries[1 + 2 * k]);
-                let exited = sys::poll_ready(&entries[2 + 2 * k]).0;
+                let (readable, writable) = (set.readable(1 + 2 * k), set.writable(1 + 2 * k));
+                let exited = set.readable(2 + 2 * k);
                 let Some(w) = self.workers[slot].as_mut() else {
                     continue;
                 };

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::wire::{self, ResultsFrame, ToWorker};
-use crate::codec::{self, Fill, FrameReader, SeqDecoder, DEFAULT_MAX_FRAME_LEN};
+use crate::codec::{self, Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
 use crate::sys::{self, Progress, SharedProgress, Sig, Trampoline};
 use crate::unwind;
 
@@ -41,10 +41,10 @@ pub(crate) fn tramp_map<T: DeserializeOwned, R: Serialize>(
     f: usize,
     _ctx: &mut Option<Box<dyn Any>>,
     _raw: Option<&[u8]>,
-    input: &mut SeqDecoder<'_>,
+    input: &mut &[u8],
     out: Option<&mut Vec<u8>>,
 ) -> Result<bool, String> {
-    let item = input.next::<T>().map_err(|e| e.to_string())?;
+    let item = codec::take_value::<T>(input).map_err(|e| e.to_string())?;
     let Some(out) = out else { return Ok(true) };
     let f: fn(T) -> R = sys::fn_from_addr(f);
     Ok(match unwind::catch(move || f(item)) {
@@ -62,10 +62,10 @@ pub(crate) fn tramp_with<C: DeserializeOwned + 'static, T: DeserializeOwned, R: 
     f: usize,
     ctx: &mut Option<Box<dyn Any>>,
     raw: Option<&[u8]>,
-    input: &mut SeqDecoder<'_>,
+    input: &mut &[u8],
     out: Option<&mut Vec<u8>>,
 ) -> Result<bool, String> {
-    let item = input.next::<T>().map_err(|e| e.to_string())?;
+    let item = codec::take_value::<T>(input).map_err(|e| e.to_string())?;
     let Some(out) = out else { return Ok(true) };
     if ctx.is_none() {
         let raw = raw.ok_or("the job's context was never received")?;
@@ -203,7 +203,7 @@ impl Worker<'_> {
         end: u32,
         items: &[u8],
     ) -> bool {
-        let mut items = SeqDecoder::new(items);
+        let mut items: &[u8] = items;
         let mut no_ctx = None;
         let (value, raw) = match ctx {
             Some(c) => (&mut c.value, Some(c.raw.as_slice())),

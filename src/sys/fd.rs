@@ -1,16 +1,14 @@
-//! File descriptors: pipes, socket pairs, pidfds, `poll` with deadlines.
+//! File descriptors: pipes, socket pairs, reads and writes (never a
+//! `SIGPIPE`), `O_NONBLOCK`, `/dev/null` and stdio redirection, closing
+//! inherited fds, `flock`.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::libc;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
-use nix::unistd::Pid;
 
 /// `pipe2(O_CLOEXEC)`: `(read end, write end)`.
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -186,90 +184,67 @@ pub(crate) fn redirect_stdio(target: i32, fd: BorrowedFd<'_>) -> io::Result<()> 
     Ok(())
 }
 
-const PIDFD_UNKNOWN: u8 = 0;
-const PIDFD_YES: u8 = 1;
-const PIDFD_NO: u8 = 2;
-/// Whether `pidfd_open(2)` works here, probed once (tokio and std cache the
-/// `ENOSYS` the same way).
-static PIDFD: AtomicU8 = AtomicU8::new(PIDFD_UNKNOWN);
-
-fn raw_pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and a flags word and returns a new fd or
-    // -1; it touches no memory of ours.
-    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a non-negative return of pidfd_open is a new fd that nothing
-    // else owns (it is opened with O_CLOEXEC by the kernel).
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+/// Sets `O_NONBLOCK` on `fd` (an open file description of our own).
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
-/// Whether pidfds can be used (`pidfd_open(2)`, Linux 5.3+). Probed once.
-/// `MULTIPROC_NO_PIDFD=1` in the environment forces the sentinel-pipe
-/// fallback (for tests, and to rule pidfds out when debugging).
-pub(crate) fn pidfd_supported() -> bool {
-    match PIDFD.load(Ordering::Relaxed) {
-        PIDFD_YES => true,
-        PIDFD_NO => false,
-        _ => {
-            let forced_off = std::env::var_os("MULTIPROC_NO_PIDFD").is_some_and(|v| v == "1");
-            let ok = !forced_off && raw_pidfd_open(nix::unistd::getpid()).is_ok();
-            PIDFD.store(if ok { PIDFD_YES } else { PIDFD_NO }, Ordering::Relaxed);
-            ok
-        }
-    }
-}
-
-/// `pidfd_open(pid)`: an fd that polls readable once `pid` has exited.
-/// The pid must be an unreaped child of ours, so it cannot have been recycled.
-pub(crate) fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
-    raw_pidfd_open(pid)
-}
-
-/// Waits until at least one of `fds` is readable (data, end of file, hang-up
-/// or error all count), or until `timeout` passes (`None`: no limit).
-/// Returns the indices of the ready fds, empty on timeout. Retries on `EINTR`
-/// with the time that remains.
-pub(crate) fn poll_readable(
-    fds: &[BorrowedFd<'_>],
-    timeout: Option<Duration>,
-) -> io::Result<Vec<usize>> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    let mut pollfds: Vec<PollFd<'_>> = fds
-        .iter()
-        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
-        .collect();
+/// One `send(2)` on a socket with `MSG_NOSIGNAL` (a vanished peer is an
+/// `EPIPE` error, not a `SIGPIPE`): the number of bytes written;
+/// `WouldBlock` on a full non-blocking socket; retried on `EINTR`.
+pub(crate) fn write_some(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    use nix::sys::socket::{send, MsgFlags};
     loop {
-        let wait = match deadline {
-            None => PollTimeout::NONE,
-            Some(d) => timeout_ms(d.saturating_duration_since(Instant::now())),
-        };
-        match nix::poll::poll(&mut pollfds, wait) {
-            Ok(0) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(Vec::new());
-                }
-            }
-            Ok(_) => {
-                return Ok(pollfds
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.revents().is_some_and(|r| !r.is_empty()))
-                    .map(|(i, _)| i)
-                    .collect());
-            }
+        match send(fd.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => return Ok(n),
             Err(Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// A poll timeout in whole milliseconds, rounded up so that a deadline is
-/// never reported early.
-fn timeout_ms(d: Duration) -> PollTimeout {
-    let ms = d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
-    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+/// Closes every fd of the process except `keep` (and fails only if the fd
+/// table cannot be read).
+pub(crate) fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
+    let mut open = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        if let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        {
+            open.push(fd);
+        }
+    }
+    // The directory's own fd is already closed: closing it again is EBADF,
+    // which `close_raw` ignores.
+    for fd in open {
+        if !keep.contains(&fd) {
+            super::close_raw(fd);
+        }
+    }
+    super::forget_dev_null();
+    Ok(())
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`: `Ok(true)` if the lock was taken,
+/// `Ok(false)` if another open file description holds it.
+pub(crate) fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    loop {
+        // SAFETY: flock takes an fd, borrowed and so open for the call, and
+        // a flags word; it touches no memory of ours.
+        let rc = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        match Errno::last() {
+            Errno::EWOULDBLOCK => return Ok(false),
+            Errno::EINTR => {}
+            e => return Err(e.into()),
+        }
+    }
 }
 
 /// The raw number of an fd, for logs and for [`close_raw`] in a child.
@@ -277,28 +252,7 @@ pub(crate) fn raw(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn poll_times_out_and_sees_eof() {
-        let (r, w) = pipe().unwrap();
-        let t0 = Instant::now();
-        assert!(poll_readable(&[r.as_fd()], Some(Duration::from_millis(30)))
-            .unwrap()
-            .is_empty());
-        assert!(t0.elapsed() >= Duration::from_millis(30));
-        drop(w);
-        assert_eq!(
-            poll_readable(&[r.as_fd()], Some(Duration::from_secs(5))).unwrap(),
-            vec![0]
-        );
-    }
-
-    #[test]
-    fn timeout_rounds_up() {
-        assert_eq!(i32::from(timeout_ms(Duration::from_micros(1))), 1);
-        assert_eq!(i32::from(timeout_ms(Duration::ZERO)), 0);
-    }
+/// The raw number of a borrowed fd.
+pub(crate) fn raw_of(fd: BorrowedFd<'_>) -> RawFd {
+    fd.as_raw_fd()
 }

@@ -1,6 +1,8 @@
-//! Memory helpers of the codec's hot path: the few spots where safe code
-//! costs a call to `memcpy` per encoded integer.
+//! Memory: small copies without `memcpy` for the codec's hot path,
+//! [`LeakedCell`] (a lock-free, leaked, once-published value, readable after
+//! a fork), [`Slots`] (results decoded straight into their final place).
 
+use std::mem;
 use std::ptr;
 
 /// Appends `data` (at most 16 bytes: a varint, a short string) to `out`
@@ -41,6 +43,136 @@ pub(crate) fn extend_small(out: &mut Vec<u8>, data: &[u8]) {
     }
 }
 
+/// A write-rarely cell of leaked values: `set` leaks a box and publishes it,
+/// `get` reads the latest one. Values are never freed, so a reference
+/// handed out stays valid for the life of the process, whatever `set` does
+/// later. Lock-free: safe to use right after `fork`.
+pub(crate) struct LeakedCell<T: 'static>(std::sync::atomic::AtomicPtr<T>);
+
+impl<T: 'static> LeakedCell<T> {
+    pub(crate) const fn new() -> Self {
+        LeakedCell(std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()))
+    }
+
+    pub(crate) fn get(&self) -> Option<&'static T> {
+        let p = self.0.load(std::sync::atomic::Ordering::Acquire);
+        // SAFETY: the only non-null values stored are from `Box::leak` in
+        // `set`, published with Release and never freed, so the pointee is
+        // initialized and lives for the rest of the process.
+        unsafe { p.as_ref() }
+    }
+
+    /// Forgets the value (it stays leaked: references handed out stay
+    /// valid).
+    pub(crate) fn clear(&self) {
+        self.0
+            .store(std::ptr::null_mut(), std::sync::atomic::Ordering::Release);
+    }
+
+    pub(crate) fn set(&self, value: T) {
+        self.set_boxed(Box::new(value));
+    }
+
+    /// Publishes an already boxed value (no allocation: usable right after
+    /// a fork with the box built before it).
+    pub(crate) fn set_boxed(&self, value: Box<T>) {
+        let p: *mut T = Box::leak(value);
+        self.0.store(p, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// A fixed number of result slots filled in any order, each exactly once,
+/// then turned into a `Vec<R>` in place: the pool decodes every result
+/// straight into its final position (no `Option` per item, no second copy
+/// of the output). A bitmap records which slots hold a value.
+pub(crate) struct Slots<R> {
+    buf: Vec<mem::MaybeUninit<R>>,
+    filled: Vec<u64>,
+    count: usize,
+}
+
+impl<R> Slots<R> {
+    /// `n` empty slots. The memory is reserved, not touched.
+    pub(crate) fn new(n: usize) -> Slots<R> {
+        let mut buf = Vec::with_capacity(n);
+        // SAFETY: the capacity is at least `n`, and `MaybeUninit<R>` needs no
+        // initialization: every bit pattern, including none, is a valid one.
+        unsafe { buf.set_len(n) };
+        Slots {
+            buf,
+            filled: vec![0u64; n.div_ceil(64)],
+            count: 0,
+        }
+    }
+
+    /// Whether every slot holds a value.
+    pub(crate) fn is_full(&self) -> bool {
+        self.count == self.buf.len()
+    }
+
+    /// Puts `value` in slot `i`; gives it back if `i` is out of range or the
+    /// slot is taken.
+    #[inline]
+    pub(crate) fn put(&mut self, i: usize, value: R) -> std::result::Result<(), R> {
+        if i >= self.buf.len() {
+            return Err(value);
+        }
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if self.filled[word] & bit != 0 {
+            return Err(value);
+        }
+        self.buf[i].write(value);
+        self.filled[word] |= bit;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The values in slot order, if every slot holds one.
+    pub(crate) fn into_vec(self) -> Option<Vec<R>> {
+        if !self.is_full() {
+            return None;
+        }
+        let mut this = mem::ManuallyDrop::new(self);
+        let mut buf = mem::ManuallyDrop::new(mem::take(&mut this.buf));
+        // SAFETY: the bitmap is dropped with `this`'s other fields below;
+        // every slot of `buf` has been written exactly once (`count` equals
+        // the length and `put` refuses a second write), so its elements are
+        // initialized `R`s. `MaybeUninit<R>` has the size and alignment of
+        // `R`, so the pointer, length and capacity describe a valid
+        // `Vec<R>` allocation, which `buf` (never dropped) no longer owns.
+        let out =
+            unsafe { Vec::from_raw_parts(buf.as_mut_ptr().cast::<R>(), buf.len(), buf.capacity()) };
+        drop(mem::take(&mut this.filled));
+        Some(out)
+    }
+}
+
+impl<R> Drop for Slots<R> {
+    fn drop(&mut self) {
+        if !mem::needs_drop::<R>() {
+            return;
+        }
+        for (i, slot) in self.buf.iter_mut().enumerate() {
+            if self.filled[i / 64] & (1u64 << (i % 64)) != 0 {
+                // SAFETY: the bit says slot `i` was written by `put` and not
+                // moved out since (`into_vec` empties `buf` before it could
+                // be dropped here), so it holds an initialized `R`, dropped
+                // exactly once.
+                unsafe { slot.assume_init_drop() };
+            }
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for Slots<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots")
+            .field("len", &self.buf.len())
+            .field("filled", &self.count)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::extend_small;
@@ -62,5 +194,46 @@ mod tests {
         out.extend_from_slice(&[9, 9, 9, 9]);
         extend_small(&mut out, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
         assert_eq!(out, [9, 9, 9, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    }
+}
+
+#[cfg(test)]
+mod slots_tests {
+    use super::Slots;
+    use std::rc::Rc;
+
+    #[test]
+    fn out_of_order_fill_gives_the_values_in_slot_order() {
+        let mut s = Slots::new(130);
+        for i in (0..130).rev() {
+            s.put(i, i * 2).unwrap();
+        }
+        assert_eq!(s.put(5, 0), Err(0), "a second write is refused");
+        assert_eq!(s.put(130, 0), Err(0), "out of range is refused");
+        let v = s.into_vec().unwrap();
+        assert_eq!(v, (0..130).map(|i| i * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn partial_slots_drop_exactly_the_values_they_hold() {
+        let tracker = Rc::new(());
+        let mut s = Slots::new(100);
+        for i in (0..100).step_by(3) {
+            s.put(i, Rc::clone(&tracker)).unwrap();
+        }
+        assert!(!s.is_full());
+        assert_eq!(Rc::strong_count(&tracker), 35);
+        drop(s);
+        assert_eq!(Rc::strong_count(&tracker), 1);
+        let mut s = Slots::new(2);
+        s.put(0, Rc::clone(&tracker)).unwrap();
+        assert!(s.into_vec().is_none(), "not full");
+        assert_eq!(Rc::strong_count(&tracker), 1);
+    }
+
+    #[test]
+    fn empty_slots_make_an_empty_vec() {
+        let s: Slots<String> = Slots::new(0);
+        assert_eq!(s.into_vec().unwrap(), Vec::<String>::new());
     }
 }

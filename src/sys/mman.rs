@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, AtomicU64};
@@ -275,10 +276,63 @@ impl crate::shm::SharedMemory {
     }
 }
 
+/// The progress of one worker: how many items it has started and finished
+/// in its life. The worker stores, the parent loads; no system call.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Items started (the one running is `started - 1` while `started > finished`).
+    pub(crate) started: AtomicU64,
+    /// Items whose result is encoded in the worker's buffer.
+    pub(crate) finished: AtomicU64,
+}
+
+/// `n` [`Progress`] slots in one anonymous `MAP_SHARED` mapping, created in
+/// the parent before the workers are forked: a worker's stores are visible
+/// to the parent, even after the worker died (the pages outlive it).
+#[derive(Debug)]
+pub(crate) struct SharedProgress {
+    map: SharedMapping,
+    len: usize,
+}
+
+impl SharedProgress {
+    /// Maps `n` zeroed slots (zero is a valid `AtomicU64`).
+    pub(crate) fn new(n: usize) -> io::Result<SharedProgress> {
+        let len = n.max(1);
+        let map = SharedMapping::anonymous(len * mem::size_of::<Progress>())?;
+        Ok(SharedProgress { map, len })
+    }
+
+    /// Slot `i`.
+    pub(crate) fn slot(&self, i: usize) -> &Progress {
+        assert!(i < self.len, "progress slot {i} out of {}", self.len);
+        // SAFETY: slot `i` lies inside the mapping (`len` slots were mapped),
+        // which is page-aligned, so every slot is aligned for `Progress`;
+        // the kernel zero-filled it, and all-zero atomics are a valid
+        // `Progress`; only atomics are ever accessed through it, and the
+        // mapping lives as long as `self`.
+        unsafe { &*self.map.as_ptr().cast::<Progress>().add(i) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn progress_is_shared_with_a_fork() {
+        let shared = SharedProgress::new(2).unwrap();
+        let pid = crate::sys::fork_child(|| {
+            shared.slot(1).started.store(7, Ordering::Relaxed);
+            0
+        })
+        .unwrap();
+        assert_eq!(crate::sys::wait_blocking(pid).unwrap(), 0);
+        assert_eq!(shared.slot(1).started.load(Ordering::Relaxed), 7);
+        assert_eq!(shared.slot(0).started.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn anonymous_is_zeroed_and_bounds_checked() {

@@ -1,5 +1,14 @@
 //! Every system call of the crate, and the only module allowed `unsafe` code.
 //!
+//! Laid out by kernel facility, as nix is: [`fork`](fork) (the fork sites),
+//! [`wait`](wait) (reaping, pidfds), [`signal`](signal) (dispositions,
+//! masks, the supervisor's self-pipe, the graceful stop), [`fd`](fd) (pipes,
+//! sockets, reads and writes, stdio), [`poll`](poll), [`proc`](proc) (ids,
+//! threads, session, umask), [`mman`](mman) (shared mappings, memfd, POSIX
+//! shm: the base of the shared state), [`futex`](futex), [`robust`](robust)
+//! (robust process-shared mutexes), [`mem`](mem), [`time`](time), and
+//! [`fn_addr`](fn_addr) (function addresses across `fork`).
+//!
 //! Each function here wraps one system call (or one short, fixed sequence of
 //! them) behind a safe signature. Upper layers never see a raw pid or a raw fd
 //! they must close by hand: pids are [`Pid`], fds are [`OwnedFd`] right after
@@ -10,33 +19,30 @@
 //! [`OwnedFd`]: std::os::fd::OwnedFd
 #![allow(unsafe_code)]
 
-mod daemon;
 mod fd;
+mod fn_addr;
 mod fork;
 mod futex;
 mod mem;
 mod mman;
-mod pool;
+mod poll;
 mod proc;
 mod robust;
-mod server;
 mod signal;
+mod time;
 mod wait;
 
-#[allow(unused_imports)]
-pub(crate) use daemon::*;
 pub(crate) use fd::*;
+pub(crate) use fn_addr::*;
 pub(crate) use fork::*;
 pub(crate) use futex::*;
 pub(crate) use mem::*;
 pub(crate) use mman::*;
-#[allow(unused_imports)]
-pub(crate) use pool::*;
+pub(crate) use poll::*;
 pub(crate) use proc::*;
 pub(crate) use robust::*;
-#[allow(unused_imports)]
-pub(crate) use server::*;
 pub(crate) use signal::*;
+pub(crate) use time::*;
 pub(crate) use wait::*;
 
 pub(crate) use nix::unistd::Pid;

@@ -2,6 +2,7 @@
 
 use std::io;
 
+use nix::libc;
 use nix::unistd::Pid;
 
 /// `getpid()`.
@@ -25,40 +26,15 @@ pub(crate) fn thread_count() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/task")?.count())
 }
 
-/// A write-rarely cell of leaked values: `set` leaks a box and publishes it,
-/// `get` reads the latest one. Values are never freed, so a reference
-/// handed out stays valid for the life of the process, whatever `set` does
-/// later. Lock-free: safe to use right after `fork`.
-pub(crate) struct LeakedCell<T: 'static>(std::sync::atomic::AtomicPtr<T>);
+/// `setsid()`: a new session and process group led by the caller.
+pub(crate) fn new_session() -> io::Result<()> {
+    nix::unistd::setsid().map(drop).map_err(io::Error::from)
+}
 
-impl<T: 'static> LeakedCell<T> {
-    pub(crate) const fn new() -> Self {
-        LeakedCell(std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()))
-    }
-
-    pub(crate) fn get(&self) -> Option<&'static T> {
-        let p = self.0.load(std::sync::atomic::Ordering::Acquire);
-        // SAFETY: the only non-null values stored are from `Box::leak` in
-        // `set`, published with Release and never freed, so the pointee is
-        // initialized and lives for the rest of the process.
-        unsafe { p.as_ref() }
-    }
-
-    /// Forgets the value (it stays leaked: references handed out stay
-    /// valid).
-    pub(crate) fn clear(&self) {
-        self.0
-            .store(std::ptr::null_mut(), std::sync::atomic::Ordering::Release);
-    }
-
-    pub(crate) fn set(&self, value: T) {
-        self.set_boxed(Box::new(value));
-    }
-
-    /// Publishes an already boxed value (no allocation: usable right after
-    /// a fork with the box built before it).
-    pub(crate) fn set_boxed(&self, value: Box<T>) {
-        let p: *mut T = Box::leak(value);
-        self.0.store(p, std::sync::atomic::Ordering::Release);
-    }
+/// `umask(mask)`; returns the previous mask.
+pub(crate) fn set_umask(mask: u32) -> u32 {
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+        mask as libc::mode_t,
+    ));
+    old.bits() as u32
 }

@@ -1,6 +1,9 @@
-//! Reaping: only ever a pid this crate forked, never `waitpid(-1)`.
+//! Waiting for children: reaping (only ever a pid this crate forked, never
+//! `waitpid(-1)`) and pidfds (an fd that polls readable once a child exited).
 
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -54,6 +57,50 @@ pub(crate) fn wait_blocking(pid: Pid) -> io::Result<i32> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+const PIDFD_UNKNOWN: u8 = 0;
+
+const PIDFD_YES: u8 = 1;
+
+const PIDFD_NO: u8 = 2;
+
+/// Whether `pidfd_open(2)` works here, probed once (tokio and std cache the
+/// `ENOSYS` the same way).
+static PIDFD: AtomicU8 = AtomicU8::new(PIDFD_UNKNOWN);
+
+fn raw_pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and a flags word and returns a new fd or
+    // -1; it touches no memory of ours.
+    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative return of pidfd_open is a new fd that nothing
+    // else owns (it is opened with O_CLOEXEC by the kernel).
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+}
+
+/// Whether pidfds can be used (`pidfd_open(2)`, Linux 5.3+). Probed once.
+/// `MULTIPROC_NO_PIDFD=1` in the environment forces the sentinel-pipe
+/// fallback (for tests, and to rule pidfds out when debugging).
+pub(crate) fn pidfd_supported() -> bool {
+    match PIDFD.load(Ordering::Relaxed) {
+        PIDFD_YES => true,
+        PIDFD_NO => false,
+        _ => {
+            let forced_off = std::env::var_os("MULTIPROC_NO_PIDFD").is_some_and(|v| v == "1");
+            let ok = !forced_off && raw_pidfd_open(nix::unistd::getpid()).is_ok();
+            PIDFD.store(if ok { PIDFD_YES } else { PIDFD_NO }, Ordering::Relaxed);
+            ok
+        }
+    }
+}
+
+/// `pidfd_open(pid)`: an fd that polls readable once `pid` has exited.
+/// The pid must be an unreaped child of ours, so it cannot have been recycled.
+pub(crate) fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    raw_pidfd_open(pid)
 }
 
 #[cfg(test)]

@@ -1,1 +1,0 @@
-//! System calls used only by the daemon layer.
