@@ -317,7 +317,7 @@ proptest! {
     /// an error, never a panic; after the frames, a disconnection.
     #[test]
     fn frames_of_the_wrong_type(values in vec(msg(), 1..4), kind in 0..KINDS) {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| frame_of(v)).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(frame_of).collect();
         let mut conn = fed(&bytes, DEFAULT_MAX_FRAME_LEN);
         let (got, err) = drain(&mut conn, kind, bytes.len(), SLACK + 4 * bytes.len())?;
         prop_assert!(got <= values.len());
@@ -348,7 +348,7 @@ proptest! {
     /// same receiver that saw nothing hostile.
     #[test]
     fn valid_frames_round_trip(values in vec(msg(), 0..4)) {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| frame_of(v)).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(frame_of).collect();
         let mut conn = fed(&bytes, DEFAULT_MAX_FRAME_LEN);
         for v in &values {
             let got: Msg = conn.recv_timeout(RECV_DEADLINE).unwrap().expect("no hang");
