@@ -388,12 +388,17 @@ mod tests {
     /// under the default limit).
     #[test]
     fn announced_length_is_not_allocated_before_it_arrives() {
+        use std::io::Write;
+        use std::net::Shutdown;
+        use std::os::unix::net::UnixStream;
         for greedy in [false, true] {
-            let (r, w) = sys::pipe().unwrap();
+            // End of file by a shutdown, not a close: a sibling test's child
+            // may hold a copy of the fd.
+            let (r, mut w) = UnixStream::pair().unwrap();
             let mut bytes = ((DEFAULT_MAX_FRAME_LEN - 1) as u64).to_le_bytes().to_vec();
             bytes.extend_from_slice(b"a few bytes");
-            sys::write_all(w.as_fd(), &bytes).unwrap();
-            drop(w);
+            w.write_all(&bytes).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
             let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN, greedy);
             loop {
                 match reader.fill(r.as_fd()) {
@@ -480,12 +485,15 @@ pub(crate) mod proptests {
         largest_buffer: usize,
     }
 
-    /// Feeds `bytes` (then end of file) through a pipe to a reader, reading
+    /// Feeds `bytes` (then end of file) through a socket to a reader, reading
     /// every frame, until end of file or an error; fails if it loops.
     fn read_stream(bytes: &[u8], limit: usize, greedy: bool) -> Outcome {
-        let (r, w) = sys::pipe().unwrap();
-        sys::write_all(w.as_fd(), bytes).unwrap();
-        drop(w);
+        use std::io::Write;
+        // End of file by a shutdown, not a close: a sibling test's child
+        // may hold a copy of the fd, and end of file must come all the same.
+        let (r, mut w) = std::os::unix::net::UnixStream::pair().unwrap();
+        w.write_all(bytes).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
         let mut reader = FrameReader::new(limit, greedy);
         let mut out = Outcome {
             payloads: Vec::new(),

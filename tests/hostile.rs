@@ -15,6 +15,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -107,7 +108,8 @@ const SLACK: usize = 256 * 1024;
 fn fed(bytes: &[u8], limit: usize) -> Connection {
     let (ours, mut peer) = UnixStream::pair().unwrap();
     peer.write_all(bytes).unwrap();
-    drop(peer);
+    // A shutdown ends the stream even if a forked child held a copy of the fd.
+    peer.shutdown(Shutdown::Write).unwrap();
     let mut conn = Connection::from_fd(ours.into());
     conn.set_max_frame_len(limit);
     conn
@@ -119,7 +121,9 @@ fn frame_of<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     peer.set_read_timeout(Some(RECV_DEADLINE)).unwrap();
     let mut conn = Connection::from_fd(ours.into());
     conn.send(value).unwrap();
-    drop(conn);
+    UnixStream::from(conn.into_fd())
+        .shutdown(Shutdown::Write)
+        .unwrap();
     let mut out = Vec::new();
     peer.read_to_end(&mut out).unwrap();
     out
