@@ -307,7 +307,7 @@ fn a_stuck_setup_times_out_and_the_stuck_daemon_is_killed() {
         Daemon::new()
             .working_directory(&d2)
             .stdout(&fifo)
-            .setup_timeout(Duration::from_secs(4))
+            .setup_timeout(Duration::from_secs(5))
             .spawn(|| {})
     });
     // The daemon is found by its working directory (its first setup step),
