@@ -646,6 +646,32 @@ mod proptests {
             prop_assert!(false, "no error after {bound} entries of {} bytes", bytes.len());
         }
 
+        /// A frame for the other side (a worker's message read by a worker,
+        /// the dispatcher's read by the dispatcher): an error or a message,
+        /// and its entries decode to errors or values, never a panic.
+        #[test]
+        fn frames_for_the_other_side(
+            entries in vec(entry(), 1..6),
+            (chunk, job, f, tramp) in (any::<u64>(), any::<u64>(), any::<usize>(), any::<usize>()),
+            items in vec(any::<u8>(), 0..48),
+            which in 0u8..4,
+        ) {
+            let mut out = Vec::new();
+            match which {
+                0 => push_chunk(&mut out, chunk, job, f, tramp, 0, 3, &items),
+                1 => push_context(&mut out, job, &items),
+                2 => push_forget(&mut out, job),
+                _ => push_exit(&mut out),
+            }
+            let _ = collect(&out[HEADER_LEN..], 64);
+            let _ = parse_to_worker(&results_payload(chunk, 0, &entries));
+            let mut out = Vec::new();
+            push_init_failed(&mut out, "initializer");
+            let crossed = parse_to_worker(&out[HEADER_LEN..]);
+            let context_or_error = matches!(crossed, Ok(ToWorker::Context { .. }) | Err(_));
+            prop_assert!(context_or_error, "{:?}", crossed);
+        }
+
         /// Results frames round-trip; cut or with one byte changed, they
         /// give errors or values for every index, never a panic.
         #[test]
