@@ -254,25 +254,32 @@ impl FrameReader {
 
     /// One `read(2)` from `fd` into the buffer. A header over the limit is
     /// reported here, before the buffer grows for it.
+    ///
+    /// The buffer grows with the bytes that arrive, not with the length a
+    /// header announces: one read gets room for at most as many bytes as
+    /// are pending (at least [`MIN_READ`]), so a large frame doubles the
+    /// buffer read by read, and a peer's 8-byte header alone cannot make
+    /// the reader allocate (and zero) the whole limit.
     pub(crate) fn fill(&mut self, fd: BorrowedFd<'_>) -> Result<Fill> {
         let want = self.want()?;
+        let room = want.min(self.pending().max(MIN_READ));
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
-        if self.buf.len() - self.end < want {
+        if self.buf.len() - self.end < room {
             // Compact, then grow (zeroing only the new tail, once).
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
-            if self.buf.len() - self.end < want {
-                self.buf.resize(self.end + want, 0);
+            if self.buf.len() - self.end < room {
+                self.buf.resize(self.end + room, 0);
             }
         }
         let upto = if self.greedy {
             self.buf.len()
         } else {
-            self.end + want
+            self.end + want.min(self.buf.len() - self.end)
         };
         let n = sys::read(fd, &mut self.buf[self.end..upto])?;
         if n == 0 {
@@ -386,5 +393,268 @@ mod tests {
             other => panic!("expected oversize, got {other:?}"),
         }
         assert!(reader.buf.len() < 1 << 20);
+    }
+
+    /// Regression (found by `tests/hostile.rs`): a header announcing a
+    /// frame within the limit made the reader allocate and zero the whole
+    /// announced length before a byte of it arrived (1 GiB for 8 bytes
+    /// under the default limit).
+    #[test]
+    fn announced_length_is_not_allocated_before_it_arrives() {
+        use std::io::Write;
+        use std::net::Shutdown;
+        use std::os::unix::net::UnixStream;
+        for greedy in [false, true] {
+            // End of file by a shutdown, not a close: a sibling test's child
+            // may hold a copy of the fd.
+            let (r, mut w) = UnixStream::pair().unwrap();
+            let mut bytes = ((DEFAULT_MAX_FRAME_LEN - 1) as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(b"a few bytes");
+            w.write_all(&bytes).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+            let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN, greedy);
+            loop {
+                match reader.fill(r.as_fd()) {
+                    Ok(Fill::Data) => {
+                        assert!(reader.buf.len() <= 2 * MIN_READ, "{}", reader.buf.len());
+                        assert!(reader.next_payload().unwrap().is_none());
+                    }
+                    Ok(Fill::Eof) => panic!("end of file inside a frame is an error"),
+                    Err(Error::Codec(e)) => {
+                        assert!(matches!(
+                            e.kind(),
+                            CodecErrorKind::Truncated { got: 19, .. }
+                        ));
+                        break;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Hostile input by properties: arbitrary bytes, cut frames and random
+/// headers never panic, never loop, never grow a buffer past what arrived.
+/// 2 000 cases per property in a debug build, 100 000 in a release build
+/// (`cargo test --release`); `PROPTEST_CASES` overrides both.
+#[cfg(test)]
+pub(crate) mod proptests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+    use std::os::fd::AsFd;
+
+    /// The proptest configuration of the crate's property tests.
+    pub(crate) fn config() -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(if cfg!(debug_assertions) {
+                2_000
+            } else {
+                100_000
+            });
+        ProptestConfig {
+            cases,
+            // Failing cases become plain regression tests, not files.
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// Decodes `bytes` as the type `kind` names; `true` for a value.
+    fn decode_as(kind: u8, bytes: &[u8]) -> bool {
+        match kind {
+            0 => decode::<u64>(bytes).is_ok(),
+            1 => decode::<String>(bytes).is_ok(),
+            2 => decode::<Vec<u8>>(bytes).is_ok(),
+            3 => decode::<(i32, Option<String>, bool)>(bytes).is_ok(),
+            4 => decode::<Vec<Vec<u64>>>(bytes).is_ok(),
+            5 => decode::<BTreeMap<String, f64>>(bytes).is_ok(),
+            6 => decode::<char>(bytes).is_ok(),
+            7 => decode::<crate::unwind::PanicReport>(bytes).is_ok(),
+            _ => decode::<()>(bytes).is_ok(),
+        }
+    }
+
+    /// The next value of a sequence, as a type that takes at least one
+    /// byte; `true` for a value.
+    fn next_as(kind: u8, dec: &mut SeqDecoder<'_>) -> bool {
+        match kind % 4 {
+            0 => dec.next::<u64>().is_ok(),
+            1 => dec.next::<String>().is_ok(),
+            2 => dec.next::<Vec<u16>>().is_ok(),
+            _ => dec.next::<Option<(u8, char)>>().is_ok(),
+        }
+    }
+
+    /// What a reader made of a whole stream.
+    #[derive(Debug)]
+    struct Outcome {
+        payloads: Vec<Vec<u8>>,
+        end: Result<()>,
+        largest_buffer: usize,
+    }
+
+    /// Feeds `bytes` (then end of file) through a socket to a reader, reading
+    /// every frame, until end of file or an error; fails if it loops.
+    fn read_stream(bytes: &[u8], limit: usize, greedy: bool) -> Outcome {
+        use std::io::Write;
+        // End of file by a shutdown, not a close: a sibling test's child
+        // may hold a copy of the fd, and end of file must come all the same.
+        let (r, mut w) = std::os::unix::net::UnixStream::pair().unwrap();
+        w.write_all(bytes).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reader = FrameReader::new(limit, greedy);
+        let mut out = Outcome {
+            payloads: Vec::new(),
+            end: Ok(()),
+            largest_buffer: 0,
+        };
+        // Each round reads at least one byte or ends.
+        for _ in 0..bytes.len() + 2 {
+            loop {
+                match reader.next_payload() {
+                    Ok(Some(p)) => out.payloads.push(p.to_vec()),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.end = Err(e);
+                        return out;
+                    }
+                }
+            }
+            let fill = reader.fill(r.as_fd());
+            out.largest_buffer = out.largest_buffer.max(reader.buf.len());
+            match fill {
+                Ok(Fill::Data) => {}
+                Ok(Fill::Eof) => return out,
+                Err(e) => {
+                    out.end = Err(e);
+                    return out;
+                }
+            }
+        }
+        panic!("the reader looped on {} bytes", bytes.len());
+    }
+
+    fn codec_kind(r: &Result<()>) -> Option<&CodecErrorKind> {
+        match r {
+            Err(Error::Codec(e)) => Some(e.kind()),
+            _ => None,
+        }
+    }
+
+    fn limit() -> impl Strategy<Value = usize> {
+        prop_oneof![0usize..64, 64usize..4096, Just(DEFAULT_MAX_FRAME_LEN)]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn decode_never_panics(bytes in vec(any::<u8>(), 0..256), kind in 0u8..9) {
+            decode_as(kind, &bytes);
+        }
+
+        /// Every value taken off a sequence consumes a byte: arbitrary
+        /// bytes end in an error, in at most one call per byte.
+        #[test]
+        fn a_sequence_of_garbage_ends(bytes in vec(any::<u8>(), 0..256), kinds in vec(0u8..4, 1..8)) {
+            let mut dec = SeqDecoder::new(&bytes);
+            let mut calls = 0;
+            while next_as(kinds[calls % kinds.len()], &mut dec) {
+                calls += 1;
+                prop_assert!(calls <= bytes.len(), "{calls} values from {} bytes", bytes.len());
+            }
+        }
+
+        /// Any stream: whole frames, then end of file or an error; no
+        /// buffer beyond one read's room past the bytes that arrived.
+        #[test]
+        fn a_reader_on_any_stream(
+            bytes in vec(any::<u8>(), 0..1024),
+            limit in limit(),
+            greedy in any::<bool>(),
+        ) {
+            let out = read_stream(&bytes, limit, greedy);
+            prop_assert!(out.largest_buffer <= 2 * MIN_READ + bytes.len(), "{out:?}");
+            let framed: usize = out.payloads.iter().map(|p| HEADER_LEN + p.len()).sum();
+            prop_assert!(framed <= bytes.len());
+            prop_assert!(out.payloads.iter().all(|p| p.len() <= limit));
+            match &out.end {
+                Ok(()) => prop_assert_eq!(framed, bytes.len()),
+                Err(Error::Codec(_)) => {}
+                Err(e) => prop_assert!(false, "not a codec error: {e}"),
+            }
+        }
+
+        /// Valid frames cut anywhere: the whole frames before the cut,
+        /// then a truncated frame with the exact counts (or a clean end at
+        /// a frame boundary).
+        #[test]
+        fn frames_cut_anywhere(
+            values in vec(vec(".{0,12}", 0..6), 1..5),
+            cut in any::<prop::sample::Index>(),
+            greedy in any::<bool>(),
+        ) {
+            let mut bytes = Vec::new();
+            let mut ends = Vec::new();
+            for v in &values {
+                encode_frame(v, &mut bytes).unwrap();
+                ends.push(bytes.len());
+            }
+            let k = cut.index(bytes.len() + 1);
+            let out = read_stream(&bytes[..k], DEFAULT_MAX_FRAME_LEN, greedy);
+            let whole = ends.iter().filter(|&&e| e <= k).count();
+            prop_assert_eq!(out.payloads.len(), whole);
+            for (p, v) in out.payloads.iter().zip(&values) {
+                prop_assert_eq!(&decode::<Vec<String>>(p).unwrap(), v);
+            }
+            let begin = if whole == 0 { 0 } else { ends[whole - 1] };
+            if begin == k {
+                prop_assert!(out.end.is_ok());
+            } else {
+                let got = k - begin;
+                let expected = if got < HEADER_LEN { HEADER_LEN } else { ends[whole] - begin };
+                prop_assert_eq!(
+                    codec_kind(&out.end),
+                    Some(&CodecErrorKind::Truncated { got, expected })
+                );
+            }
+        }
+
+        /// A header over the limit is refused before its frame is buffered;
+        /// one within the limit gets room as its bytes arrive, not before.
+        #[test]
+        fn random_headers(
+            len in prop_oneof![any::<u64>(), 0u64..4096, Just(DEFAULT_MAX_FRAME_LEN as u64)],
+            limit in limit(),
+            tail in vec(any::<u8>(), 0..64),
+            greedy in any::<bool>(),
+        ) {
+            let mut bytes = len.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&tail);
+            let out = read_stream(&bytes, limit, greedy);
+            prop_assert!(out.largest_buffer <= 2 * MIN_READ, "{out:?}");
+            if len > limit as u64 {
+                prop_assert!(out.payloads.is_empty());
+                prop_assert_eq!(
+                    codec_kind(&out.end),
+                    Some(&CodecErrorKind::Oversize { len, limit })
+                );
+            } else if len as usize <= tail.len() {
+                prop_assert_eq!(&out.payloads[0][..], &tail[..len as usize]);
+            } else {
+                prop_assert_eq!(
+                    codec_kind(&out.end),
+                    Some(&CodecErrorKind::Truncated {
+                        got: bytes.len(),
+                        expected: HEADER_LEN + len as usize
+                    })
+                );
+            }
+        }
     }
 }

@@ -2,10 +2,11 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +41,11 @@ use crate::sys;
 /// [`multiproc::exit`](crate::exit)) the daemon removes its pid file. A
 /// daemon killed by a signal leaves it behind, unlocked.
 ///
+/// The launcher waits for the setup report at most
+/// [`setup_timeout`](Daemon::setup_timeout) (30 s by default): a setup stuck
+/// on a dead mount or a FIFO with no reader gives [`Error::Timeout`], and the
+/// stuck daemon is killed.
+///
 /// ```no_run
 /// use multiproc::Daemon;
 ///
@@ -64,6 +70,7 @@ pub struct Daemon {
     stdout: Option<PathBuf>,
     stderr: Option<PathBuf>,
     keep_fds: Vec<RawFd>,
+    setup_timeout: Duration,
 }
 
 impl fmt::Debug for Daemon {
@@ -75,6 +82,7 @@ impl fmt::Debug for Daemon {
             .field("stdout", &self.stdout)
             .field("stderr", &self.stderr)
             .field("keep_fds", &self.keep_fds)
+            .field("setup_timeout", &self.setup_timeout)
             .finish()
     }
 }
@@ -104,8 +112,18 @@ enum Report {
 static PID_FILE: sys::LeakedCell<(u32, PathBuf)> = sys::LeakedCell::new();
 
 impl Daemon {
+    /// How long the launcher waits for the daemon's setup report unless
+    /// [`setup_timeout`](Daemon::setup_timeout) says otherwise: 30 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert_eq!(multiproc::Daemon::DEFAULT_SETUP_TIMEOUT, Duration::from_secs(30));
+    /// ```
+    pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
     /// A daemon with no pid file, working directory `/`, umask `0o022`,
-    /// stdout and stderr to `/dev/null`.
+    /// stdout and stderr to `/dev/null`, a setup timeout of
+    /// [`DEFAULT_SETUP_TIMEOUT`](Daemon::DEFAULT_SETUP_TIMEOUT).
     pub fn new() -> Daemon {
         Daemon {
             pid_file: None,
@@ -114,6 +132,7 @@ impl Daemon {
             stdout: None,
             stderr: None,
             keep_fds: Vec::new(),
+            setup_timeout: Daemon::DEFAULT_SETUP_TIMEOUT,
         }
     }
 
@@ -158,6 +177,27 @@ impl Daemon {
         self
     }
 
+    /// How long the launcher waits for the daemon's setup report (default
+    /// [`DEFAULT_SETUP_TIMEOUT`](Daemon::DEFAULT_SETUP_TIMEOUT), 30 s).
+    ///
+    /// Setup (`chdir`, the pid file, opening stdout and stderr) can block
+    /// for good: a working directory or log file on a dead network mount, a
+    /// FIFO with no reader as a log file. Past this timeout the launcher
+    /// gets [`Error::Timeout`] and the stuck daemon is killed with
+    /// `SIGKILL` (with its whole process group, which it has not left
+    /// yet), so nothing is left running. [`Duration::MAX`] waits without
+    /// a bound.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let d = multiproc::Daemon::new().setup_timeout(Duration::from_secs(5));
+    /// assert!(format!("{d:?}").contains("setup_timeout: 5s"));
+    /// ```
+    pub fn setup_timeout(mut self, timeout: Duration) -> Daemon {
+        self.setup_timeout = timeout;
+        self
+    }
+
     /// Becomes a daemon. Returns `Ok(())` in the daemon; the launching
     /// process exits with status 0 once the daemon reported that its setup
     /// succeeded.
@@ -166,7 +206,9 @@ impl Daemon {
     /// In the launcher: [`Error::AlreadyRunning`] if another daemon holds
     /// the pid file, [`Error::Setup`] naming the step that failed in the
     /// daemon (`"chdir"`, `"pid file"`, `"stdout"`, ...) with its OS
-    /// error, [`Error::Io`] if a fork fails.
+    /// error, [`Error::Timeout`] if the daemon did not report its setup
+    /// within [`setup_timeout`](Daemon::setup_timeout) (it was killed),
+    /// [`Error::Io`] if a fork fails.
     pub fn start(self) -> Result<()> {
         match self.launch()? {
             Launched::Daemon => Ok(()),
@@ -222,7 +264,18 @@ impl Daemon {
         match forked? {
             Some(middle) => {
                 drop(report_w);
-                let report = read_report(report_r);
+                let deadline = Instant::now().checked_add(self.setup_timeout);
+                let report = read_report(report_r, deadline);
+                if matches!(report, Err(Error::Timeout)) {
+                    // The middle child made a new session and process group
+                    // with its own pid, which the daemon has not left yet
+                    // (setup never changes it). The middle child is not
+                    // reaped yet, so that number still names this group and
+                    // no other.
+                    let _ =
+                        sys::send_signal(sys::Pid::from_raw(-middle.as_raw()), sys::Sig::SIGKILL);
+                    let _ = sys::send_signal(middle, sys::Sig::SIGKILL);
+                }
                 // The middle child exits right after the second fork.
                 let _ = sys::wait_blocking(middle);
                 match report? {
@@ -348,31 +401,59 @@ fn send_report(fd: &OwnedFd, report: &Report) {
 /// The largest report a daemon sends (a step name and an OS message).
 const MAX_REPORT: usize = 64 * 1024;
 
-/// Reads the daemon's one report frame. Stops at the frame's end rather
-/// than at end of file: another thread of the launcher may fork meanwhile,
-/// and its child would hold the pipe's write end open.
-fn read_report(fd: OwnedFd) -> Result<Report> {
-    let mut file = File::from(fd);
+/// Reads the daemon's one report frame, waiting until `deadline` (`None`:
+/// no limit) at most. Stops at the frame's end rather than at end of file:
+/// another thread of the launcher may fork meanwhile, and its child would
+/// hold the pipe's write end open.
+fn read_report(fd: OwnedFd, deadline: Option<Instant>) -> Result<Report> {
     let broken = |kind: io::ErrorKind, what: &str| Error::Setup {
         step: "report".into(),
         source: io::Error::new(kind, what.to_string()),
     };
     let mut header = [0u8; codec::HEADER_LEN];
-    if let Err(e) = file.read_exact(&mut header) {
-        return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
-            broken(e.kind(), "the daemon exited before reporting its setup")
-        } else {
-            Error::Io(e)
-        });
+    match read_exact_until(&fd, &mut header, deadline) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(broken(
+                io::ErrorKind::UnexpectedEof,
+                "the daemon exited before reporting its setup",
+            ))
+        }
+        Err(e) => return Err(e),
     }
     let len = usize::try_from(u64::from_le_bytes(header))
         .ok()
         .filter(|&n| n <= MAX_REPORT)
         .ok_or_else(|| broken(io::ErrorKind::InvalidData, "an oversize setup report"))?;
     let mut payload = vec![0u8; len];
-    file.read_exact(&mut payload)
-        .map_err(|_| broken(io::ErrorKind::InvalidData, "a truncated setup report"))?;
-    codec::decode(&payload)
+    match read_exact_until(&fd, &mut payload, deadline) {
+        Ok(true) => codec::decode(&payload),
+        Ok(false) => Err(broken(
+            io::ErrorKind::InvalidData,
+            "a truncated setup report",
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// Fills `buf` from `fd`, waiting until `deadline` at most: `Ok(false)` at
+/// an end of file before `buf` is full, [`Error::Timeout`] past the
+/// deadline.
+fn read_exact_until(fd: &OwnedFd, buf: &mut [u8], deadline: Option<Instant>) -> Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if sys::poll_readable(&[fd.as_fd()], Some(left))?.is_empty() {
+                return Err(Error::Timeout);
+            }
+        }
+        match sys::read(fd.as_fd(), &mut buf[got..])? {
+            0 => return Ok(false),
+            n => got += n,
+        }
+    }
+    Ok(true)
 }
 
 /// Takes the pid file: locks what is there (refusing a running instance),

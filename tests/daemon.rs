@@ -283,3 +283,58 @@ fn a_kept_fd_stays_open_in_the_daemon() {
     std::io::BufReader::new(r).read_line(&mut got).unwrap();
     assert_eq!(got, format!("kept {pid}\n"));
 }
+
+/// The pid of a live process whose working directory is `dir`.
+fn process_in(dir: &Path) -> Option<u32> {
+    let dir = dir.canonicalize().ok()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+        (cwd == dir && pid_alive(pid)).then_some(pid)
+    })
+}
+
+#[test]
+fn a_stuck_setup_times_out_and_the_stuck_daemon_is_killed() {
+    let dir = temp_dir("daemon-stuck");
+    let mut guard = StopDaemon(dir.clone(), None);
+    // Opening a FIFO with no reader for writing blocks: the daemon's setup
+    // hangs on its stdout, as it would on a dead mount.
+    let fifo = dir.join("out.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let d2 = dir.clone();
+    let launcher = std::thread::spawn(move || {
+        Daemon::new()
+            .working_directory(&d2)
+            .stdout(&fifo)
+            .setup_timeout(Duration::from_secs(5))
+            .spawn(|| {})
+    });
+    // The daemon is found by its working directory (its first setup step),
+    // stuck before it could report.
+    let mut stuck = None;
+    assert!(
+        eventually(DEADLINE, || {
+            stuck = process_in(&dir);
+            stuck.is_some()
+        }),
+        "no daemon in its setup"
+    );
+    let pid = stuck.unwrap();
+    guard.1 = Some(pid);
+    let started = Instant::now();
+    let result = launcher.join().unwrap();
+    assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
+    assert!(started.elapsed() < DEADLINE);
+    assert!(wait_gone(pid, DEADLINE), "the stuck daemon was killed");
+    assert!(process_in(&dir).is_none(), "nothing is left running");
+}
+
+#[test]
+fn the_setup_timeout_is_a_builder_setting() {
+    let d = Daemon::new();
+    assert!(format!("{d:?}").contains("setup_timeout: 30s"), "{d:?}");
+    assert_eq!(Daemon::DEFAULT_SETUP_TIMEOUT, Duration::from_secs(30));
+    let d = d.setup_timeout(Duration::from_millis(250));
+    assert!(format!("{d:?}").contains("setup_timeout: 250ms"), "{d:?}");
+}

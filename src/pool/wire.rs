@@ -483,3 +483,228 @@ mod tests {
         assert!(e.next::<u64>().is_err());
     }
 }
+
+/// Hostile frames by properties, through the decoding functions of the
+/// worker's reader ([`parse_to_worker`]) and the dispatcher's
+/// ([`parse_from_worker`], [`Entries`], `decode_results`): arbitrary,
+/// truncated and mutated payloads give an `Err` (or a value), never a panic
+/// or a loop. Case counts as in [`crate::codec::proptests::config`].
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::codec::proptests::config;
+    use crate::pool::result::decode_results;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    /// One entry of a results frame: a value or a failure.
+    #[derive(Debug, Clone)]
+    enum Entry {
+        Value(String),
+        Panic(String),
+        BadInput(String),
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        prop_oneof![
+            3 => ".{0,16}".prop_map(Entry::Value),
+            1 => ".{0,16}".prop_map(Entry::Panic),
+            1 => ".{0,16}".prop_map(Entry::BadInput),
+        ]
+    }
+
+    /// The payload of a results frame holding `entries`.
+    fn results_payload(chunk: u64, start: u32, entries: &[Entry]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut frame = ResultsFrame::default();
+        frame.begin(&mut out, chunk, start);
+        for e in entries {
+            let ok = match e {
+                Entry::Value(v) => push_ok(&mut out, v),
+                Entry::Panic(m) => {
+                    push_panic(
+                        &mut out,
+                        &PanicReport {
+                            message: m.clone(),
+                            location: None,
+                        },
+                    );
+                    false
+                }
+                Entry::BadInput(m) => {
+                    push_bad_input(&mut out, m);
+                    false
+                }
+            };
+            frame.entry(ok);
+        }
+        frame.close(&mut out);
+        out.split_off(HEADER_LEN.min(out.len()))
+    }
+
+    /// Decodes a results payload as the dispatcher and the collector do,
+    /// with the dispatcher's bound on the count (the chunk's size, here
+    /// `max_count`): the result of every index, each exactly once, in order.
+    fn collect(payload: &[u8], max_count: u32) -> Result<Vec<Result<String>>> {
+        let FromWorker::Results {
+            start,
+            count,
+            entries,
+            ..
+        } = parse_from_worker(payload)?
+        else {
+            return Err(invalid("not results"));
+        };
+        if u64::from(start) + u64::from(count) > u64::from(max_count) {
+            return Err(invalid("results out of order"));
+        }
+        let mut got = Vec::new();
+        decode_results::<String>(u64::from(start), count, entries, |i, r| {
+            assert_eq!(i, u64::from(start) + got.len() as u64, "in order, once");
+            got.push(r);
+        });
+        assert_eq!(got.len(), count as usize);
+        Ok(got)
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Whatever a worker reads: an error, or a message whose parts lie
+        /// inside the payload.
+        #[test]
+        fn to_worker_on_any_payload(payload in vec(any::<u8>(), 0..96)) {
+            match parse_to_worker(&payload) {
+                Ok(ToWorker::Chunk { start, end, items, .. }) => {
+                    prop_assert!(start <= end);
+                    prop_assert_eq!(items.len(), payload.len() - CHUNK_HEADER);
+                }
+                Ok(ToWorker::Context { ctx, .. }) => prop_assert_eq!(ctx.len(), payload.len() - 9),
+                Ok(ToWorker::Forget { .. }) => prop_assert!(payload.len() >= 9),
+                Ok(ToWorker::Exit) | Err(_) => {}
+            }
+        }
+
+        /// A chunk round-trips, and any cut inside its fixed fields is an
+        /// error.
+        #[test]
+        fn chunks_round_trip_and_cut(
+            (chunk, job, f, tramp) in (any::<u64>(), any::<u64>(), any::<usize>(), any::<usize>()),
+            (a, b) in (any::<u32>(), any::<u32>()),
+            items in vec(any::<u8>(), 0..64),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let (start, end) = (a.min(b), a.max(b));
+            let mut out = Vec::new();
+            push_chunk(&mut out, chunk, job, f, tramp, start, end, &items);
+            let payload = &out[HEADER_LEN..];
+            prop_assert_eq!(
+                parse_to_worker(payload).unwrap(),
+                ToWorker::Chunk { chunk, job, f, tramp, start, end, items: &items }
+            );
+            let k = cut.index(CHUNK_HEADER);
+            prop_assert!(parse_to_worker(&payload[..k]).is_err());
+            // A reversed range is refused.
+            if start < end {
+                let mut out = Vec::new();
+                push_chunk(&mut out, chunk, job, f, tramp, end, start, &items);
+                prop_assert!(parse_to_worker(&out[HEADER_LEN..]).is_err());
+            }
+        }
+
+        /// Whatever the dispatcher reads: an error, or a message whose parts
+        /// lie inside the payload.
+        #[test]
+        fn from_worker_on_any_payload(payload in vec(any::<u8>(), 0..96)) {
+            match parse_from_worker(&payload) {
+                Ok(FromWorker::Results { entries, .. }) => {
+                    prop_assert_eq!(entries.len(), payload.len() - RESULTS_HEADER)
+                }
+                Ok(FromWorker::InitFailed { message }) => {
+                    prop_assert!(message.len() <= 3 * payload.len())
+                }
+                Err(_) => {}
+            }
+        }
+
+        /// Entries of arbitrary bytes: each call consumes a failure position
+        /// or at least one byte, so an error comes within that many calls.
+        #[test]
+        fn entries_on_any_bytes(bytes in vec(any::<u8>(), 0..128), as_bytes in any::<bool>()) {
+            let Ok(mut entries) = Entries::new(&bytes) else { return Ok(()) };
+            let bound = bytes.len() + bytes.len() / 4 + 1;
+            for _ in 0..=bound {
+                let next = if as_bytes {
+                    entries.next::<Vec<u8>>().map(drop)
+                } else {
+                    entries.next::<u64>().map(drop)
+                };
+                if next.is_err() {
+                    return Ok(());
+                }
+            }
+            prop_assert!(false, "no error after {bound} entries of {} bytes", bytes.len());
+        }
+
+        /// A frame for the other side (a worker's message read by a worker,
+        /// the dispatcher's read by the dispatcher): an error or a message,
+        /// and its entries decode to errors or values, never a panic.
+        #[test]
+        fn frames_for_the_other_side(
+            entries in vec(entry(), 1..6),
+            (chunk, job, f, tramp) in (any::<u64>(), any::<u64>(), any::<usize>(), any::<usize>()),
+            items in vec(any::<u8>(), 0..48),
+            which in 0u8..4,
+        ) {
+            let mut out = Vec::new();
+            match which {
+                0 => push_chunk(&mut out, chunk, job, f, tramp, 0, 3, &items),
+                1 => push_context(&mut out, job, &items),
+                2 => push_forget(&mut out, job),
+                _ => push_exit(&mut out),
+            }
+            let _ = collect(&out[HEADER_LEN..], 64);
+            let _ = parse_to_worker(&results_payload(chunk, 0, &entries));
+            let mut out = Vec::new();
+            push_init_failed(&mut out, "initializer");
+            let crossed = parse_to_worker(&out[HEADER_LEN..]);
+            let context_or_error = matches!(crossed, Ok(ToWorker::Context { .. }) | Err(_));
+            prop_assert!(context_or_error, "{:?}", crossed);
+        }
+
+        /// Results frames round-trip; cut or with one byte changed, they
+        /// give errors or values for every index, never a panic.
+        #[test]
+        fn results_round_trip_cut_and_mutated(
+            entries in vec(entry(), 0..8),
+            (chunk, start) in (any::<u64>(), 0u32..4),
+            cut in any::<prop::sample::Index>(),
+            flip in (any::<prop::sample::Index>(), 1u8..=255),
+        ) {
+            let payload = results_payload(chunk, start, &entries);
+            let max_count = start + entries.len() as u32;
+            if entries.is_empty() {
+                prop_assert!(payload.is_empty(), "an empty frame vanishes");
+            } else {
+                let got = collect(&payload, max_count).unwrap();
+                prop_assert_eq!(got.len(), entries.len());
+                for (g, e) in got.iter().zip(&entries) {
+                    match (g, e) {
+                        (Ok(v), Entry::Value(w)) => prop_assert_eq!(v, w),
+                        (Err(err), Entry::Panic(m)) => prop_assert_eq!(err.panic_message(), Some(m.as_str())),
+                        (Err(Error::Codec(c)), Entry::BadInput(m)) => {
+                            prop_assert_eq!(c.kind(), &CodecErrorKind::Invalid(m.clone()))
+                        }
+                        other => prop_assert!(false, "{other:?}"),
+                    }
+                }
+            }
+            let _ = collect(&payload[..cut.index(payload.len() + 1)], max_count);
+            if !payload.is_empty() {
+                let mut mutated = payload.clone();
+                mutated[flip.0.index(payload.len())] ^= flip.1;
+                let _ = collect(&mutated, max_count);
+            }
+        }
+    }
+}
