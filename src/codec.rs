@@ -20,6 +20,8 @@ use serde::Serialize;
 use crate::error::{CodecError, CodecErrorKind, Error, Result};
 use crate::sys;
 
+pub(crate) mod fixed;
+
 /// Bytes of the length header in front of every payload.
 pub(crate) const HEADER_LEN: usize = 8;
 
@@ -76,27 +78,6 @@ pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) 
         return Err(CodecError::new(CodecErrorKind::Encode(e.to_string())).into());
     }
     Ok(())
-}
-
-/// Decodes values packed back to back (the pool's result entries) with one
-/// decoder across them, not one per value.
-pub(crate) struct SeqDecoder<'a> {
-    de: postcard::Deserializer<'a, postcard::de_flavors::Slice<'a>>,
-}
-
-impl<'a> SeqDecoder<'a> {
-    pub(crate) fn new(bytes: &'a [u8]) -> SeqDecoder<'a> {
-        SeqDecoder {
-            de: postcard::Deserializer::from_bytes(bytes),
-        }
-    }
-
-    /// Decodes the next value.
-    #[inline]
-    pub(crate) fn next<T: DeserializeOwned>(&mut self) -> Result<T> {
-        T::deserialize(&mut self.de)
-            .map_err(|e| CodecError::new(CodecErrorKind::Invalid(e.to_string())).into())
-    }
 }
 
 /// Decodes one `T` off the front of `input` and advances it past the value
@@ -481,12 +462,12 @@ pub(crate) mod proptests {
 
     /// The next value of a sequence, as a type that takes at least one
     /// byte; `true` for a value.
-    fn next_as(kind: u8, dec: &mut SeqDecoder<'_>) -> bool {
+    fn next_as(kind: u8, dec: &mut &[u8]) -> bool {
         match kind % 4 {
-            0 => dec.next::<u64>().is_ok(),
-            1 => dec.next::<String>().is_ok(),
-            2 => dec.next::<Vec<u16>>().is_ok(),
-            _ => dec.next::<Option<(u8, char)>>().is_ok(),
+            0 => take_value::<u64>(dec).is_ok(),
+            1 => take_value::<String>(dec).is_ok(),
+            2 => take_value::<Vec<u16>>(dec).is_ok(),
+            _ => take_value::<Option<(u8, char)>>(dec).is_ok(),
         }
     }
 
@@ -562,7 +543,7 @@ pub(crate) mod proptests {
         /// bytes end in an error, in at most one call per byte.
         #[test]
         fn a_sequence_of_garbage_ends(bytes in vec(any::<u8>(), 0..256), kinds in vec(0u8..4, 1..8)) {
-            let mut dec = SeqDecoder::new(&bytes);
+            let mut dec: &[u8] = &bytes;
             let mut calls = 0;
             while next_as(kinds[calls % kinds.len()], &mut dec) {
                 calls += 1;

@@ -636,3 +636,77 @@ fn debug_and_send_sync() {
         "Pool { processes: 1, closed: false }"
     );
 }
+
+/// A value whose serialized kind depends on the value (a `u8` below 128,
+/// a `u64` otherwise), read back as a `u64`: postcard takes it (a `u8` below
+/// 128 is the same byte as its varint),
+/// and the pool's fixed-width fast path must fall back to postcard rather
+/// than misread it, for items (a chunk boundary) and results (a footer
+/// entry).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Shifty(u64);
+
+impl serde::Serialize for Shifty {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match u8::try_from(self.0) {
+            Ok(small) if small < 128 => s.serialize_u8(small),
+            _ => s.serialize_u64(self.0),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Shifty {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Shifty, D::Error> {
+        <u64 as serde::Deserialize>::deserialize(d).map(Shifty)
+    }
+}
+
+fn shifty_double(x: Shifty) -> Shifty {
+    Shifty(x.0 * 2)
+}
+
+#[test]
+fn items_and_results_whose_kind_changes_fall_back_to_postcard() {
+    within(60, || {
+        let pool = Pool::new(2).unwrap();
+        // Big first (fixed-width u64), then small ones (u8): mixed chunks.
+        let items: Vec<Shifty> = (0..3000u64)
+            .map(|i| Shifty(if i % 7 == 0 { 1 << 40 } else { i % 60 }))
+            .collect();
+        let want: Vec<Shifty> = items.iter().copied().map(shifty_double).collect();
+        assert_eq!(pool.map(shifty_double, items.clone()).unwrap(), want);
+        assert_eq!(
+            pool.map_chunked(shifty_double, items.clone(), 1000)
+                .unwrap(),
+            want
+        );
+        let got: Vec<Shifty> = pool
+            .imap(shifty_double, items.clone())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got, want);
+        // And plain fixed-width types of every width round-trip.
+        assert_eq!(
+            pool.map(|x: i8| x.wrapping_neg(), [-128i8, 0, 127])
+                .unwrap(),
+            [-128, 0, -127]
+        );
+        assert_eq!(
+            pool.map(|x: f32| x * 2.0, [1.5f32, -0.0]).unwrap(),
+            [3.0, -0.0]
+        );
+        assert_eq!(
+            pool.map(|c: char| c.to_ascii_uppercase(), ['a', 'é'])
+                .unwrap(),
+            ['A', 'é']
+        );
+        assert_eq!(
+            pool.map(|b: bool| !b, [true, false]).unwrap(),
+            [false, true]
+        );
+        assert_eq!(
+            pool.map(|x: u128| x + 1, [u128::MAX - 1]).unwrap(),
+            [u128::MAX]
+        );
+    });
+}

@@ -352,8 +352,9 @@ impl Dispatcher {
                 job,
                 base,
                 count,
+                kind,
                 items,
-            } => self.jobs.queue(job, base, count, items),
+            } => self.jobs.queue(job, base, count, kind, items),
             Command::Seal(job) => self.jobs.seal(job),
             Command::EndJob(job) => self.jobs.end(job),
             Command::Close => self.closing = true,
@@ -421,6 +422,7 @@ impl Dispatcher {
                     task.tramp,
                     chunk.start,
                     chunk.end,
+                    chunk.kind,
                     &chunk.items,
                 );
                 if w.ledger.is_empty() {
@@ -649,6 +651,7 @@ fn frames(w: &mut Worker, jobs: &mut JobTable, chunk_secs: &mut f64) -> Option<P
                 chunk,
                 start,
                 count,
+                kind,
                 entries,
             } => {
                 let r = match w.ledger.report(chunk, start, count) {
@@ -664,6 +667,7 @@ fn frames(w: &mut Worker, jobs: &mut JobTable, chunk_secs: &mut f64) -> Option<P
                     JobMsg::Results {
                         base: r.index,
                         count,
+                        kind,
                         bytes: entries.to_vec(),
                     },
                 );

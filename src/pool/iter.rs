@@ -9,8 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::protocol::JobMsg;
-use super::result::{decode_results, replicate, JobHandle};
-use crate::codec;
+use super::result::{decode_results, replicate, ItemFormat, JobHandle};
 use crate::error::{Error, Result};
 
 /// Largest chunk an adaptive `imap` builds.
@@ -22,7 +21,9 @@ const CHUNK_TARGET_SECS: f64 = 0.002;
 
 /// Encodes up to `n` items into the buffer: `(count, an item that failed to
 /// encode right after them, input exhausted)`.
-type Produce<'a> = Box<dyn FnMut(&mut Vec<u8>, usize) -> (u32, Option<Error>, bool) + 'a>;
+/// Encodes up to `n` items into the buffer: `(count, kind of the chunk,
+/// an item that could not be encoded, input exhausted)`.
+type Produce<'a> = Box<dyn FnMut(&mut Vec<u8>, usize) -> (u32, u8, Option<Error>, bool) + 'a>;
 
 /// Pulls the input lazily and keeps a bounded window of chunks in flight.
 struct Feeder<'a> {
@@ -49,21 +50,46 @@ impl<'a> Feeder<'a> {
     ) -> (Feeder<'a>, Option<Error>)
     where
         I: Iterator<Item = T> + 'a,
-        T: Serialize,
+        T: Serialize + DeserializeOwned,
     {
         let mut items = items;
+        let mut format = ItemFormat::default();
+        // An item that did not fit the last chunk's fixed-width kind, already
+        // encoded in postcard: the next chunk's first (no `T` is kept, so
+        // `T` need not outlive the iterator).
+        let mut pending: Option<Vec<u8>> = None;
         let produce: Produce<'a> = Box::new(move |buf: &mut Vec<u8>, n: usize| {
             let mut count = 0u32;
+            if let Some(first) = pending.take() {
+                buf.extend_from_slice(&first);
+                count = 1;
+            }
+            let mut kind = format.kind();
             while (count as usize) < n {
                 let Some(item) = items.next() else {
-                    return (count, None, true);
+                    return (count, kind, None, true);
                 };
-                if let Err(e) = codec::encode_value(&item, buf) {
-                    return (count, Some(e), false);
+                match format.encode(&item, buf) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Now postcard: this item starts the next chunk,
+                        // or this one if it is still empty.
+                        let mut alone = Vec::new();
+                        if let Err(e) = format.encode(&item, &mut alone) {
+                            return (count, kind, Some(e), false);
+                        }
+                        if count > 0 {
+                            pending = Some(alone);
+                            return (count, kind, None, false);
+                        }
+                        buf.extend_from_slice(&alone);
+                    }
+                    Err(e) => return (count, kind, Some(e), false),
                 }
+                kind = format.kind();
                 count += 1;
             }
-            (count, None, false)
+            (count, kind, None, false)
         });
         let (job, err) = match job {
             Ok(j) => (Some(j), None),
@@ -107,9 +133,9 @@ impl<'a> Feeder<'a> {
             }
             let job = self.job.as_ref().expect("a live feeder has a job");
             let mut buf = Vec::new();
-            let (count, bad, end) = (self.produce)(&mut buf, size);
+            let (count, kind, bad, end) = (self.produce)(&mut buf, size);
             if count > 0 {
-                job.submit(self.submitted, count, buf)?;
+                job.submit(self.submitted, count, kind, buf)?;
                 self.submitted += u64::from(count);
             }
             if let Some(e) = bad {
@@ -137,9 +163,14 @@ impl<'a> Feeder<'a> {
         let msg = self.job.as_ref().and_then(|job| job.rx.recv().ok());
         match msg {
             None => Err(Error::PoolClosed),
-            Some(JobMsg::Results { base, count, bytes }) => {
+            Some(JobMsg::Results {
+                base,
+                count,
+                kind,
+                bytes,
+            }) => {
                 self.received += u64::from(count);
-                decode_results::<R>(base, count, &bytes, put);
+                decode_results::<R>(base, count, kind, &bytes, put);
                 Ok(())
             }
             Some(JobMsg::Failed { index, error }) => {
@@ -193,7 +224,7 @@ impl<'a, R: DeserializeOwned> Imap<'a, R> {
     ) -> Imap<'a, R>
     where
         I: Iterator<Item = T> + 'a,
-        T: Serialize,
+        T: Serialize + DeserializeOwned,
     {
         let (feeder, first_error) = Feeder::new(job, items, processes, chunksize);
         Imap {
@@ -288,7 +319,7 @@ impl<'a, R: DeserializeOwned> ImapUnordered<'a, R> {
     ) -> ImapUnordered<'a, R>
     where
         I: Iterator<Item = T> + 'a,
-        T: Serialize,
+        T: Serialize + DeserializeOwned,
     {
         let (feeder, first_error) = Feeder::new(job, items, processes, chunksize);
         ImapUnordered {

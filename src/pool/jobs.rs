@@ -22,6 +22,8 @@ pub(crate) struct Chunk {
     pub(crate) items: Arc<Vec<u8>>,
     pub(crate) start: u32,
     pub(crate) end: u32,
+    /// The items' fixed-width kind (`codec::fixed`), 0 for postcard.
+    pub(crate) kind: u8,
 }
 
 impl Chunk {
@@ -77,7 +79,7 @@ impl JobTable {
 
     /// Queues items `base..base + count` of `job` (dropped if the job is
     /// unknown or ended).
-    pub(crate) fn queue(&mut self, job: u64, base: u64, count: u32, items: Vec<u8>) {
+    pub(crate) fn queue(&mut self, job: u64, base: u64, count: u32, kind: u8, items: Vec<u8>) {
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
         };
@@ -93,6 +95,7 @@ impl JobTable {
             items: Arc::new(items),
             start: 0,
             end: count,
+            kind,
         });
     }
 
@@ -237,8 +240,8 @@ mod tests {
     #[test]
     fn a_job_is_finished_once_sealed_with_no_chunk_left() {
         let (mut t, _rx) = table_with_job(7);
-        t.queue(7, 0, 10, vec![0; 10]);
-        t.queue(7, 10, 5, vec![0; 5]);
+        t.queue(7, 0, 10, 0, vec![0; 10]);
+        t.queue(7, 10, 5, 0, vec![0; 5]);
         t.seal(7);
         assert!(t.take_finished().is_empty());
         let a = t.pop().unwrap();
@@ -255,7 +258,7 @@ mod tests {
     #[test]
     fn split_and_requeue_keep_the_count() {
         let (mut t, _rx) = table_with_job(1);
-        t.queue(1, 0, 10, vec![0; 10]);
+        t.queue(1, 0, 10, 0, vec![0; 10]);
         t.seal(1);
         let mut c = t.pop().unwrap();
         t.split(&mut c, 4);
@@ -281,8 +284,8 @@ mod tests {
         let (mut t, _rx) = table_with_job(1);
         let (tx2, rx2) = mailbox();
         t.add(2, tx2, TASK, Some(vec![9]));
-        t.queue(1, 0, 3, vec![0; 3]);
-        t.queue(2, 0, 3, vec![0; 3]);
+        t.queue(1, 0, 3, 0, vec![0; 3]);
+        t.queue(2, 0, 3, 0, vec![0; 3]);
         let in_flight = t.pop().unwrap();
         assert_eq!(in_flight.job, 1);
         t.end(2);

@@ -168,6 +168,7 @@ mod tests {
             items: Arc::new(Vec::new()),
             start,
             end,
+            kind: 0,
         }
     }
 

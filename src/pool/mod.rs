@@ -296,7 +296,7 @@ pub(crate) fn default_chunksize(len: usize, processes: usize) -> usize {
 
 /// The addresses a worker needs to run `f` over items: `f` itself and the
 /// trampoline monomorphized for `(T, R)`.
-fn map_task<T: DeserializeOwned, R: Serialize>(f: fn(T) -> R) -> TaskRef {
+fn map_task<T: DeserializeOwned, R: Serialize + DeserializeOwned>(f: fn(T) -> R) -> TaskRef {
     let tramp: Trampoline = worker::tramp_map::<T, R>;
     TaskRef {
         f: sys::fn_addr(f),
@@ -405,7 +405,7 @@ impl Pool {
     }
 
     /// Starts a job of known length and submits all its chunks.
-    fn gather<T: Serialize, R: DeserializeOwned>(
+    fn gather<T: Serialize + DeserializeOwned, R: DeserializeOwned>(
         &self,
         task: TaskRef,
         ctx: Option<Vec<u8>>,

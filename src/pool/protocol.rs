@@ -28,11 +28,13 @@ pub(crate) enum Command {
         task: TaskRef,
         ctx: Option<Vec<u8>>,
     },
-    /// Items `base..base + count` of a job, encoded back to back.
+    /// Items `base..base + count` of a job, encoded back to back
+    /// (fixed-width of `kind`, or postcard for 0).
     Chunk {
         job: u64,
         base: u64,
         count: u32,
+        kind: u8,
         items: Vec<u8>,
     },
     /// No more chunks will come for this job.
@@ -48,10 +50,12 @@ pub(crate) enum Command {
 /// What a job's caller receives.
 #[derive(Debug)]
 pub(crate) enum JobMsg {
-    /// Result entries of items `base..base + count`.
+    /// Result entries of items `base..base + count` (values fixed-width
+    /// of `kind`, or postcard for 0).
     Results {
         base: u64,
         count: u32,
+        kind: u8,
         bytes: Vec<u8>,
     },
     /// One item failed without a result entry (its worker died or timed out).

@@ -48,12 +48,14 @@ impl JobHandle {
         })
     }
 
-    /// Queues items `base..base + count`, encoded back to back in `items`.
-    pub(crate) fn submit(&self, base: u64, count: u32, items: Vec<u8>) -> Result<()> {
+    /// Queues items `base..base + count`, encoded back to back in `items`
+    /// (fixed-width of `kind`, or postcard for 0).
+    pub(crate) fn submit(&self, base: u64, count: u32, kind: u8, items: Vec<u8>) -> Result<()> {
         self.inner.send(Command::Chunk {
             job: self.id,
             base,
             count,
+            kind,
             items,
         })
     }
@@ -72,12 +74,64 @@ impl Drop for JobHandle {
     }
 }
 
+/// How a job's items are encoded: fixed-width (`codec::fixed`) when the
+/// first item has such an encoding that decodes back to itself, postcard
+/// otherwise; a job whose items change kind falls back to postcard for
+/// good, at a chunk boundary.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ItemFormat {
+    /// 0: not decided yet; 255: postcard; else the fixed-width kind.
+    state: u8,
+}
+
+const FORMAT_POSTCARD: u8 = 255;
+
+impl ItemFormat {
+    /// The kind for a chunk's header: 0 for postcard.
+    pub(crate) fn kind(&self) -> u8 {
+        match self.state {
+            FORMAT_POSTCARD => 0,
+            k => k,
+        }
+    }
+
+    /// Appends `item` to the chunk in `buf`. `Ok(false)`: the item does not
+    /// fit the chunk's fixed-width kind; the format is now postcard, and the
+    /// caller submits the chunk so far (if any) and pushes the item again.
+    #[inline]
+    pub(crate) fn encode<T: Serialize + DeserializeOwned>(
+        &mut self,
+        item: &T,
+        buf: &mut Vec<u8>,
+    ) -> Result<bool> {
+        match self.state {
+            FORMAT_POSTCARD => codec::encode_value(item, buf).map(|()| true),
+            0 => {
+                self.state = codec::fixed::round_trip_kind(item).unwrap_or(FORMAT_POSTCARD);
+                self.encode(item, buf)
+            }
+            kind => {
+                let at = buf.len();
+                if codec::fixed::encode(item, buf) == Some(kind) {
+                    return Ok(true);
+                }
+                buf.truncate(at);
+                self.state = FORMAT_POSTCARD;
+                Ok(false)
+            }
+        }
+    }
+}
+
 /// Packs items into chunks of `chunksize` and submits them.
 pub(crate) struct Chunker {
     chunksize: usize,
     buf: Vec<u8>,
     count: u32,
     base: u64,
+    format: ItemFormat,
+    /// The format of the items in `buf`.
+    kind: u8,
 }
 
 impl Chunker {
@@ -87,6 +141,8 @@ impl Chunker {
             buf: Vec::new(),
             count: 0,
             base: 0,
+            format: ItemFormat::default(),
+            kind: 0,
         }
     }
 
@@ -97,8 +153,16 @@ impl Chunker {
 
     /// Encodes one item; a full chunk is submitted. An item that cannot be
     /// encoded is an `Err` (and takes no index).
-    pub(crate) fn push<T: Serialize>(&mut self, job: &JobHandle, item: &T) -> Result<()> {
-        codec::encode_value(item, &mut self.buf)?;
+    pub(crate) fn push<T: Serialize + DeserializeOwned>(
+        &mut self,
+        job: &JobHandle,
+        item: &T,
+    ) -> Result<()> {
+        if !self.format.encode(item, &mut self.buf)? {
+            self.flush(job)?;
+            self.format.encode(item, &mut self.buf)?;
+        }
+        self.kind = self.format.kind();
         self.count += 1;
         if self.count as usize >= self.chunksize {
             self.flush(job)?;
@@ -117,7 +181,7 @@ impl Chunker {
         self.base += u64::from(count);
         self.count = 0;
         self.buf = Vec::with_capacity(items.len());
-        job.submit(base, count, items)
+        job.submit(base, count, self.kind, items)
     }
 }
 
@@ -149,10 +213,11 @@ pub(crate) fn replicate(e: &Error) -> Error {
 pub(crate) fn decode_results<R: DeserializeOwned>(
     base: u64,
     count: u32,
+    kind: u8,
     bytes: &[u8],
     mut put: impl FnMut(u64, Result<R>),
 ) {
-    let mut entries = match wire::Entries::new(bytes) {
+    let mut entries = match wire::Entries::new(bytes, kind) {
         Ok(e) => e,
         Err(e) => {
             for j in 0..u64::from(count) {
@@ -161,16 +226,33 @@ pub(crate) fn decode_results<R: DeserializeOwned>(
             return;
         }
     };
-    for k in 0..u64::from(count) {
+    // Decoded first, handed out once the frame checked out whole: entries
+    // that do not decode to exactly their bytes (a width mismatch) fail
+    // every item of the frame rather than hand out misread values.
+    let mut got = Vec::with_capacity(count as usize);
+    for _ in 0..count {
         match entries.next::<R>() {
-            Ok(r) => put(base + k, r),
+            Ok(r) => got.push(r),
             Err(e) => {
-                for j in k..u64::from(count) {
+                let n = got.len() as u64;
+                for (k, r) in got.into_iter().enumerate() {
+                    put(base + k as u64, r);
+                }
+                for j in n..u64::from(count) {
                     put(base + j, Err(replicate(&e)));
                 }
                 return;
             }
         }
+    }
+    if let Err(e) = entries.finish() {
+        for j in 0..u64::from(count) {
+            put(base + j, Err(replicate(&e)));
+        }
+        return;
+    }
+    for (k, r) in got.into_iter().enumerate() {
+        put(base + k as u64, r);
     }
 }
 
@@ -241,11 +323,16 @@ impl<R: DeserializeOwned> Gather<R> {
 
     fn absorb(&mut self, msg: JobMsg) {
         match msg {
-            JobMsg::Results { base, count, bytes } => {
+            JobMsg::Results {
+                base,
+                count,
+                kind,
+                bytes,
+            } => {
                 if self.error.is_some() {
                     return;
                 }
-                let mut entries = match wire::Entries::new(&bytes) {
+                let mut entries = match wire::Entries::new(&bytes, kind) {
                     Ok(e) => e,
                     Err(e) => return self.fail(e),
                 };
@@ -259,6 +346,9 @@ impl<R: DeserializeOwned> Gather<R> {
                         }
                         Ok(Err(e)) | Err(e) => return self.fail(e),
                     }
+                }
+                if let Err(e) = entries.finish() {
+                    self.fail(e);
                 }
             }
             JobMsg::Failed { error, .. } | JobMsg::Abort(error) => self.fail(error),

@@ -9,7 +9,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::codec::{self, SeqDecoder, HEADER_LEN};
+use crate::codec::{self, HEADER_LEN};
 use crate::error::{CodecError, CodecErrorKind, Error, Result};
 use crate::unwind::PanicReport;
 
@@ -25,11 +25,20 @@ const TAG_INIT_FAILED: u8 = 2;
 const ENTRY_PANICKED: u8 = 1;
 const ENTRY_ENCODE_FAILED: u8 = 2;
 const ENTRY_BAD_INPUT: u8 = 3;
+/// A value in postcard inside a fixed-width frame (a value with no
+/// fixed-width encoding after all): listed in the footer, decoded as `Ok`.
+const ENTRY_VALUE: u8 = 4;
+
+/// How a worker encodes the value entries of its current results frame,
+/// decided by the first value: `VALUES_UNDECIDED`, `VALUES_POSTCARD`, or
+/// the fixed-width kind (`codec::fixed::Kind`, 1 to 254) of the first value.
+pub(crate) const VALUES_UNDECIDED: u8 = 0;
+pub(crate) const VALUES_POSTCARD: u8 = 255;
 
 /// Fixed bytes in front of a chunk's items.
-pub(crate) const CHUNK_HEADER: usize = 1 + 8 * 4 + 4 * 2;
+pub(crate) const CHUNK_HEADER: usize = 1 + 8 * 4 + 4 * 2 + 1;
 /// Fixed bytes in front of a results frame's entries.
-const RESULTS_HEADER: usize = 1 + 8 + 4 + 4;
+const RESULTS_HEADER: usize = 1 + 8 + 4 + 4 + 1;
 
 /// A message from the dispatcher to a worker.
 #[derive(Debug, PartialEq, Eq)]
@@ -43,6 +52,8 @@ pub(crate) enum ToWorker<'a> {
         tramp: usize,
         start: u32,
         end: u32,
+        /// The items' fixed-width kind (`codec::fixed`), 0 for postcard.
+        kind: u8,
         items: &'a [u8],
     },
     /// The encoded context of `job` (`map_with`), sent once per worker.
@@ -61,6 +72,8 @@ pub(crate) enum FromWorker<'a> {
         chunk: u64,
         start: u32,
         count: u32,
+        /// The value entries' fixed-width kind, 0 for postcard.
+        kind: u8,
         entries: &'a [u8],
     },
     /// The initializer panicked; the worker exits.
@@ -121,6 +134,7 @@ pub(crate) fn push_chunk(
     tramp: usize,
     start: u32,
     end: u32,
+    kind: u8,
     items: &[u8],
 ) {
     out.reserve(HEADER_LEN + CHUNK_HEADER + items.len());
@@ -132,6 +146,7 @@ pub(crate) fn push_chunk(
     out.extend_from_slice(&(tramp as u64).to_le_bytes());
     out.extend_from_slice(&start.to_le_bytes());
     out.extend_from_slice(&end.to_le_bytes());
+    out.push(kind);
     out.extend_from_slice(items);
     end_frame(out, s);
 }
@@ -171,6 +186,7 @@ pub(crate) fn parse_to_worker(payload: &[u8]) -> Result<ToWorker<'_>> {
             let tramp = p.u64()? as usize;
             let start = p.u32()?;
             let end = p.u32()?;
+            let kind = p.u8()?;
             if start > end {
                 return Err(invalid("chunk range"));
             }
@@ -181,6 +197,7 @@ pub(crate) fn parse_to_worker(payload: &[u8]) -> Result<ToWorker<'_>> {
                 tramp,
                 start,
                 end,
+                kind,
                 items: p.0,
             })
         }
@@ -208,6 +225,8 @@ pub(crate) struct ResultsFrame {
     frame_start: usize,
     count: u32,
     failures: Vec<u32>,
+    /// How value entries are encoded (`VALUES_*`); its tag says so.
+    pub(crate) values: u8,
 }
 
 impl ResultsFrame {
@@ -216,10 +235,12 @@ impl ResultsFrame {
         self.frame_start = begin_frame(out);
         self.count = 0;
         self.failures.clear();
+        self.values = VALUES_UNDECIDED;
         out.push(TAG_RESULTS);
         out.extend_from_slice(&chunk.to_le_bytes());
         out.extend_from_slice(&start.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
+        out.push(0);
     }
 
     /// Counts the entry just appended: a value (`ok`) or a failure.
@@ -244,6 +265,9 @@ impl ResultsFrame {
         out.extend_from_slice(&(self.failures.len() as u32).to_le_bytes());
         let at = self.frame_start + HEADER_LEN + 1 + 8 + 4;
         out[at..at + 4].copy_from_slice(&self.count.to_le_bytes());
+        if self.values != VALUES_POSTCARD {
+            out[at + 4] = self.values;
+        }
         end_frame(out, self.frame_start);
         self.count = 0;
         self.failures.clear();
@@ -269,10 +293,12 @@ pub(crate) fn parse_from_worker(payload: &[u8]) -> Result<FromWorker<'_>> {
             let chunk = p.u64()?;
             let start = p.u32()?;
             let count = p.u32()?;
+            let kind = p.u8()?;
             Ok(FromWorker::Results {
                 chunk,
                 start,
                 count,
+                kind,
                 entries: p.0,
             })
         }
@@ -291,6 +317,41 @@ pub(crate) fn push_ok<R: Serialize>(out: &mut Vec<u8>, value: &R) -> bool {
         Ok(()) => true,
         Err(e) => {
             push_message(out, ENTRY_ENCODE_FAILED, &e.to_string());
+            false
+        }
+    }
+}
+
+/// Appends the entry of a task that returned `value`, in the frame's value
+/// encoding (`values`, decided here by the first value: fixed-width if
+/// `value` has such an encoding that decodes back as an `R`, as the parent
+/// will decode it). `true` for a plain value entry; a value
+/// that has no fixed-width encoding in a fixed frame is a footer entry
+/// (`false`), in postcard, still a value for the parent.
+#[inline]
+pub(crate) fn push_value<R: Serialize + DeserializeOwned>(
+    out: &mut Vec<u8>,
+    values: &mut u8,
+    value: &R,
+) -> bool {
+    match *values {
+        VALUES_POSTCARD => push_ok(out, value),
+        VALUES_UNDECIDED => {
+            *values = codec::fixed::round_trip_kind(value).unwrap_or(VALUES_POSTCARD);
+            push_value(out, values, value)
+        }
+        kind => {
+            let at = out.len();
+            if codec::fixed::encode(value, out) == Some(kind) {
+                return true;
+            }
+            // Another kind than the frame's, or none: a footer entry.
+            out.truncate(at);
+            out.push(ENTRY_VALUE);
+            if codec::encode_value(value, out).is_err() {
+                out.truncate(at);
+                push_ok(out, value);
+            }
             false
         }
     }
@@ -320,7 +381,10 @@ fn push_message(out: &mut Vec<u8>, status: u8, message: &str) {
 /// Reads the entries of a results message, footer first (see
 /// [`ResultsFrame`]).
 pub(crate) struct Entries<'a> {
-    dec: SeqDecoder<'a>,
+    /// The entries not read yet.
+    rest: &'a [u8],
+    /// The value entries' fixed-width kind, 0 for postcard.
+    kind: u8,
     /// The positions of the failed entries still ahead, `u32` LE each.
     failures: &'a [u8],
     index: u32,
@@ -328,7 +392,7 @@ pub(crate) struct Entries<'a> {
 
 impl<'a> Entries<'a> {
     /// Splits the footer off the entries of a results message.
-    pub(crate) fn new(bytes: &'a [u8]) -> Result<Entries<'a>> {
+    pub(crate) fn new(bytes: &'a [u8], kind: u8) -> Result<Entries<'a>> {
         let n = bytes.len();
         let k = bytes
             .get(n.wrapping_sub(4)..)
@@ -341,7 +405,8 @@ impl<'a> Entries<'a> {
             .filter(|&t| t <= n)
             .ok_or_else(|| invalid("results footer"))?;
         Ok(Entries {
-            dec: SeqDecoder::new(&bytes[..n - footer]),
+            rest: &bytes[..n - footer],
+            kind,
             failures: &bytes[n - footer..n - 4],
             index: 0,
         })
@@ -356,29 +421,48 @@ impl<'a> Entries<'a> {
         match self.failures.first_chunk::<4>() {
             Some(f) if u32::from_le_bytes(*f) == i => {
                 self.failures = &self.failures[4..];
-                self.failure().map(Err)
+                self.failure()
             }
-            _ => self.dec.next::<R>().map(Ok),
+            _ if self.kind != 0 => codec::fixed::take::<R>(&mut self.rest, self.kind)
+                .map(Ok)
+                .map_err(|_| invalid("fixed-width result entry")),
+            _ => codec::take_value::<R>(&mut self.rest).map(Ok),
+        }
+    }
+
+    /// `Err` unless every byte of the entries was read: a frame whose
+    /// entries do not decode to exactly their bytes (a width mismatch) is
+    /// broken, not silently misread.
+    pub(crate) fn finish(&self) -> Result<()> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(invalid("bytes left after the result entries"))
         }
     }
 
     /// Decodes a failure entry: a status byte (which is also how postcard
     /// encodes a `u8`) and its report.
-    fn failure(&mut self) -> Result<Error> {
-        let status: u8 = self
-            .dec
-            .next()
-            .map_err(|_| invalid("missing result entry"))?;
-        Ok(match status {
-            ENTRY_PANICKED => self.dec.next::<PanicReport>()?.into(),
+    /// Decodes a footer entry: a status byte and a postcard value (its
+    /// report, or for `ENTRY_VALUE` the task's value).
+    fn failure<R: DeserializeOwned>(&mut self) -> Result<Result<R>> {
+        let (&status, rest) = self
+            .rest
+            .split_first()
+            .ok_or_else(|| invalid("missing result entry"))?;
+        self.rest = rest;
+        let r = &mut self.rest;
+        Ok(Err(match status {
+            ENTRY_VALUE => return codec::take_value::<R>(r).map(Ok),
+            ENTRY_PANICKED => codec::take_value::<PanicReport>(r)?.into(),
             ENTRY_ENCODE_FAILED => {
-                CodecError::new(CodecErrorKind::Encode(self.dec.next::<String>()?)).into()
+                CodecError::new(CodecErrorKind::Encode(codec::take_value::<String>(r)?)).into()
             }
             ENTRY_BAD_INPUT => {
-                CodecError::new(CodecErrorKind::Invalid(self.dec.next::<String>()?)).into()
+                CodecError::new(CodecErrorKind::Invalid(codec::take_value::<String>(r)?)).into()
             }
             _ => return Err(invalid("unknown result status")),
-        })
+        }))
     }
 }
 
@@ -395,7 +479,7 @@ mod tests {
     #[test]
     fn to_worker_round_trip() {
         let mut out = Vec::new();
-        push_chunk(&mut out, 7, 3, 0x1000, 0x2000, 1, 4, b"abcd");
+        push_chunk(&mut out, 7, 3, 0x1000, 0x2000, 1, 4, 10, b"abcd");
         assert_eq!(
             parse_to_worker(payload(&out)).unwrap(),
             ToWorker::Chunk {
@@ -405,6 +489,7 @@ mod tests {
                 tramp: 0x2000,
                 start: 1,
                 end: 4,
+                kind: 10,
                 items: b"abcd"
             }
         );
@@ -446,24 +531,68 @@ mod tests {
             chunk,
             start,
             count,
+            kind,
             entries,
         } = parse_from_worker(payload(&out)).unwrap()
         else {
             panic!("not results")
         };
-        assert_eq!((chunk, start, count), (5, 2, 4));
-        let mut e = Entries::new(entries).unwrap();
+        assert_eq!((chunk, start, count, kind), (5, 2, 4, 0));
+        let mut e = Entries::new(entries, kind).unwrap();
         assert_eq!(e.next::<u64>().unwrap().unwrap(), 42);
         let err = e.next::<u64>().unwrap().unwrap_err();
         assert_eq!(err.panic_message(), Some("boom"));
         assert!(matches!(e.next::<u64>().unwrap(), Err(Error::Codec(_))));
         assert_eq!(e.next::<u64>().unwrap().unwrap(), 7);
         assert!(e.next::<u64>().is_err(), "nothing left");
+        assert!(e.finish().is_ok());
         // An empty frame vanishes.
         let mut out = Vec::new();
         frame.begin(&mut out, 1, 0);
         frame.close(&mut out);
         assert!(out.is_empty());
+    }
+
+    /// Values in the frame's fixed-width kind are plain entries; a value of
+    /// another kind goes in postcard as a footer entry and still decodes.
+    #[test]
+    fn fixed_width_results_round_trip() {
+        let mut out = Vec::new();
+        let mut frame = ResultsFrame::default();
+        frame.begin(&mut out, 1, 0);
+        let ok = push_value(&mut out, &mut frame.values, &42u64);
+        frame.entry(ok);
+        let ok = push_value(&mut out, &mut frame.values, &u64::MAX);
+        frame.entry(ok);
+        // Another kind (a u32): in postcard, listed in the footer.
+        let ok = push_value(&mut out, &mut frame.values, &7u32);
+        assert!(!ok);
+        frame.entry(ok);
+        frame.close(&mut out);
+        let FromWorker::Results {
+            count,
+            kind,
+            entries,
+            ..
+        } = parse_from_worker(payload(&out)).unwrap()
+        else {
+            panic!("not results")
+        };
+        assert_eq!(count, 3);
+        assert_ne!(kind, 0, "a fixed-width frame");
+        assert_eq!(entries.len(), 8 + 8 + 2 + 4 + 4, "no per-value overhead");
+        let mut e = Entries::new(entries, kind).unwrap();
+        assert_eq!(e.next::<u64>().unwrap().unwrap(), 42);
+        assert_eq!(e.next::<u64>().unwrap().unwrap(), u64::MAX);
+        assert_eq!(e.next::<u64>().unwrap().unwrap(), 7);
+        assert!(e.finish().is_ok());
+        // Read as another type than written: an error, never a misread.
+        let mut e = Entries::new(entries, kind).unwrap();
+        assert!(e.next::<u32>().is_err());
+        // A frame whose entries are not all read is not whole.
+        let mut e = Entries::new(entries, kind).unwrap();
+        e.next::<u64>().unwrap().unwrap();
+        assert!(e.finish().is_err());
     }
 
     #[test]
@@ -473,13 +602,13 @@ mod tests {
         assert!(parse_from_worker(&[TAG_RESULTS, 1]).is_err());
         assert!(parse_to_worker(&[TAG_CHUNK, 0]).is_err());
         // No footer, a footer longer than the message, an unknown status.
-        assert!(Entries::new(&[]).is_err());
-        assert!(Entries::new(&[0, 0, 0]).is_err());
-        assert!(Entries::new(&[9, 0, 0, 0]).is_err());
-        let mut e = Entries::new(&[77, 0, 0, 0, 0, 1, 0, 0, 0]).unwrap();
+        assert!(Entries::new(&[], 0).is_err());
+        assert!(Entries::new(&[0, 0, 0], 0).is_err());
+        assert!(Entries::new(&[9, 0, 0, 0], 0).is_err());
+        let mut e = Entries::new(&[77, 0, 0, 0, 0, 1, 0, 0, 0], 0).unwrap();
         assert!(e.next::<u64>().is_err());
         // A value cut short.
-        let mut e = Entries::new(&[0x80, 0, 0, 0, 0]).unwrap();
+        let mut e = Entries::new(&[0x80, 0, 0, 0, 0], 0).unwrap();
         assert!(e.next::<u64>().is_err());
     }
 }
@@ -549,6 +678,7 @@ mod proptests {
         let FromWorker::Results {
             start,
             count,
+            kind,
             entries,
             ..
         } = parse_from_worker(payload)?
@@ -559,7 +689,7 @@ mod proptests {
             return Err(invalid("results out of order"));
         }
         let mut got = Vec::new();
-        decode_results::<String>(u64::from(start), count, entries, |i, r| {
+        decode_results::<String>(u64::from(start), count, kind, entries, |i, r| {
             assert_eq!(i, u64::from(start) + got.len() as u64, "in order, once");
             got.push(r);
         });
@@ -593,21 +723,22 @@ mod proptests {
             (a, b) in (any::<u32>(), any::<u32>()),
             items in vec(any::<u8>(), 0..64),
             cut in any::<prop::sample::Index>(),
+            kind in any::<u8>(),
         ) {
             let (start, end) = (a.min(b), a.max(b));
             let mut out = Vec::new();
-            push_chunk(&mut out, chunk, job, f, tramp, start, end, &items);
+            push_chunk(&mut out, chunk, job, f, tramp, start, end, kind, &items);
             let payload = &out[HEADER_LEN..];
             prop_assert_eq!(
                 parse_to_worker(payload).unwrap(),
-                ToWorker::Chunk { chunk, job, f, tramp, start, end, items: &items }
+                ToWorker::Chunk { chunk, job, f, tramp, start, end, kind, items: &items }
             );
             let k = cut.index(CHUNK_HEADER);
             prop_assert!(parse_to_worker(&payload[..k]).is_err());
             // A reversed range is refused.
             if start < end {
                 let mut out = Vec::new();
-                push_chunk(&mut out, chunk, job, f, tramp, end, start, &items);
+                push_chunk(&mut out, chunk, job, f, tramp, end, start, kind, &items);
                 prop_assert!(parse_to_worker(&out[HEADER_LEN..]).is_err());
             }
         }
@@ -630,8 +761,12 @@ mod proptests {
         /// Entries of arbitrary bytes: each call consumes a failure position
         /// or at least one byte, so an error comes within that many calls.
         #[test]
-        fn entries_on_any_bytes(bytes in vec(any::<u8>(), 0..128), as_bytes in any::<bool>()) {
-            let Ok(mut entries) = Entries::new(&bytes) else { return Ok(()) };
+        fn entries_on_any_bytes(
+            bytes in vec(any::<u8>(), 0..128),
+            as_bytes in any::<bool>(),
+            kind in any::<u8>(),
+        ) {
+            let Ok(mut entries) = Entries::new(&bytes, kind) else { return Ok(()) };
             let bound = bytes.len() + bytes.len() / 4 + 1;
             for _ in 0..=bound {
                 let next = if as_bytes {
@@ -658,7 +793,7 @@ mod proptests {
         ) {
             let mut out = Vec::new();
             match which {
-                0 => push_chunk(&mut out, chunk, job, f, tramp, 0, 3, &items),
+                0 => push_chunk(&mut out, chunk, job, f, tramp, 0, 3, 0, &items),
                 1 => push_context(&mut out, job, &items),
                 2 => push_forget(&mut out, job),
                 _ => push_exit(&mut out),

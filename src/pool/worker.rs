@@ -34,39 +34,70 @@ pub(crate) struct WorkerSpec {
     pub(crate) initializer: Option<fn()>,
 }
 
-/// The trampoline of `map`: decodes one `T`, runs `f` under
-/// `catch_unwind`, appends the result entry. With `out` `None` the item is
-/// decoded and dropped (skipped).
-pub(crate) fn tramp_map<T: DeserializeOwned, R: Serialize>(
-    f: usize,
-    _ctx: &mut Option<Box<dyn Any>>,
-    _raw: Option<&[u8]>,
-    input: &mut &[u8],
-    out: Option<&mut Vec<u8>>,
-) -> Result<bool, String> {
-    let item = codec::take_value::<T>(input).map_err(|e| e.to_string())?;
-    let Some(out) = out else { return Ok(true) };
-    let f: fn(T) -> R = sys::fn_from_addr(f);
-    Ok(match unwind::catch(move || f(item)) {
-        Ok(r) => wire::push_ok(out, &r),
+/// Decodes the next item of a chunk: fixed-width of `kind`, or postcard.
+#[inline(always)]
+fn next_item<T: DeserializeOwned>(input: &mut &[u8], kind: u8) -> Result<T, String> {
+    if kind == 0 {
+        codec::take_value::<T>(input).map_err(|e| e.to_string())
+    } else {
+        codec::fixed::take::<T>(input, kind)
+            .map_err(|_| "a fixed-width item does not decode".into())
+    }
+}
+
+/// Runs `f(item)` under `catch_unwind` and appends its entry.
+#[inline(always)]
+fn run_item<R: Serialize + DeserializeOwned>(
+    run: impl FnOnce() -> R,
+    out: &mut Vec<u8>,
+    values: &mut u8,
+) -> bool {
+    match unwind::catch(run) {
+        Ok(r) => wire::push_value(out, values, &r),
         Err(report) => {
             wire::push_panic(out, &report);
             false
         }
-    })
+    }
+}
+
+/// The trampoline of `map`: decodes one `T`, runs `f` under
+/// `catch_unwind`, appends the result entry. With `out` `None` the item is
+/// decoded and dropped (skipped).
+pub(crate) fn tramp_map<T: DeserializeOwned, R: Serialize + DeserializeOwned>(
+    f: usize,
+    _ctx: &mut Option<Box<dyn Any>>,
+    _raw: Option<&[u8]>,
+    input: &mut &[u8],
+    kind: u8,
+    out: Option<(&mut Vec<u8>, &mut u8)>,
+) -> Result<bool, String> {
+    let item = next_item::<T>(input, kind)?;
+    let Some((out, values)) = out else {
+        return Ok(true);
+    };
+    let f: fn(T) -> R = sys::fn_from_addr(f);
+    Ok(run_item(move || f(item), out, values))
 }
 
 /// The trampoline of `map_with`: as [`tramp_map`], with the job's context
 /// decoded once per worker and kept for the job's later items.
-pub(crate) fn tramp_with<C: DeserializeOwned + 'static, T: DeserializeOwned, R: Serialize>(
+pub(crate) fn tramp_with<
+    C: DeserializeOwned + 'static,
+    T: DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+>(
     f: usize,
     ctx: &mut Option<Box<dyn Any>>,
     raw: Option<&[u8]>,
     input: &mut &[u8],
-    out: Option<&mut Vec<u8>>,
+    kind: u8,
+    out: Option<(&mut Vec<u8>, &mut u8)>,
 ) -> Result<bool, String> {
-    let item = codec::take_value::<T>(input).map_err(|e| e.to_string())?;
-    let Some(out) = out else { return Ok(true) };
+    let item = next_item::<T>(input, kind)?;
+    let Some((out, values)) = out else {
+        return Ok(true);
+    };
     if ctx.is_none() {
         let raw = raw.ok_or("the job's context was never received")?;
         let c: C = codec::decode(raw).map_err(|e| e.to_string())?;
@@ -77,13 +108,7 @@ pub(crate) fn tramp_with<C: DeserializeOwned + 'static, T: DeserializeOwned, R: 
         .and_then(|c| c.downcast_ref::<C>())
         .ok_or("the job's context has another type")?;
     let f: fn(&C, T) -> R = sys::fn_from_addr(f);
-    Ok(match unwind::catch(move || f(c, item)) {
-        Ok(r) => wire::push_ok(out, &r),
-        Err(report) => {
-            wire::push_panic(out, &report);
-            false
-        }
-    })
+    Ok(run_item(move || f(c, item), out, values))
 }
 
 /// A job's context in this worker: the bytes, and the value once decoded.
@@ -138,11 +163,12 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
                     tramp,
                     start,
                     end,
+                    kind,
                     items,
                 } => {
                     let tramp: Trampoline = sys::fn_from_addr(tramp);
                     let ctx = contexts.get_mut(&job);
-                    if !w.run_chunk(ctx, chunk, f, tramp, start, end, items) {
+                    if !w.run_chunk(ctx, chunk, f, tramp, start, end, kind, items) {
                         return 0;
                     }
                     if !reader.has_frame() && !w.flush() {
@@ -201,6 +227,7 @@ impl Worker<'_> {
         tramp: Trampoline,
         start: u32,
         end: u32,
+        kind: u8,
         items: &[u8],
     ) -> bool {
         let mut items: &[u8] = items;
@@ -211,7 +238,7 @@ impl Worker<'_> {
         };
         let mut bad: Option<String> = None;
         for _ in 0..start {
-            if let Err(e) = tramp(f, value, raw, &mut items, None) {
+            if let Err(e) = tramp(f, value, raw, &mut items, kind, None) {
                 bad = Some(e);
                 break;
             }
@@ -225,7 +252,14 @@ impl Worker<'_> {
                     wire::push_bad_input(&mut self.out, msg);
                     false
                 }
-                None => match tramp(f, value, raw, &mut items, Some(&mut self.out)) {
+                None => match tramp(
+                    f,
+                    value,
+                    raw,
+                    &mut items,
+                    kind,
+                    Some((&mut self.out, &mut frame.values)),
+                ) {
                     Ok(ok) => ok,
                     Err(e) => {
                         wire::push_bad_input(&mut self.out, &e);

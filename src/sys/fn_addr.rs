@@ -7,18 +7,20 @@ use std::any::Any;
 use std::mem;
 
 /// The signature of the pool's monomorphized trampolines: `(the user's
-/// function address, the decoded context, the raw context, the decoder
-/// over the chunk's items, the output buffer or `None` to skip the item)
-/// -> `Ok(true)` for a value entry, `Ok(false)` for a failure entry (a
-/// panic), `Err(message)` when an input item cannot be decoded. Defined here
-/// because its address crosses `fork` (see [`fn_from_addr`]); it names no
-/// type of the layers above (the items are the chunk's remaining bytes).
+/// function address, the decoded context, the raw context, the chunk's
+/// remaining item bytes, their fixed-width kind (0: postcard), the output
+/// buffer and its frame's value encoding, or `None` to skip the item)` ->
+/// `Ok(true)` for a plain value entry, `Ok(false)` for a footer entry (a
+/// panic, or a value outside the frame's encoding), `Err(message)` when an
+/// input item cannot be decoded. Defined here because its address crosses
+/// `fork` (see [`fn_from_addr`]); it names no type of the layers above.
 pub(crate) type Trampoline = fn(
     usize,
     &mut Option<Box<dyn Any>>,
     Option<&[u8]>,
     &mut &[u8],
-    Option<&mut Vec<u8>>,
+    u8,
+    Option<(&mut Vec<u8>, &mut u8)>,
 ) -> Result<bool, String>;
 
 mod sealed {
