@@ -130,6 +130,7 @@ mod finalize;
 mod pool;
 mod popen;
 mod process;
+mod queue;
 mod spawn;
 mod supervisor;
 mod sync;
@@ -158,6 +159,9 @@ pub use daemon::Daemon;
 
 // Shared state (issue 10).
 pub use sync::{Lock, LockGuard};
+
+// Re-exports of the queue layer (issue 10).
+pub use queue::{JoinableQueue, Queue};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

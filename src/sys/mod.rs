@@ -11,6 +11,7 @@
 #![allow(unsafe_code)]
 
 mod daemon;
+mod fallocate;
 mod fd;
 mod fork;
 mod futex;
@@ -25,6 +26,7 @@ mod wait;
 
 #[allow(unused_imports)]
 pub(crate) use daemon::*;
+pub(crate) use fallocate::*;
 pub(crate) use fd::*;
 pub(crate) use fork::*;
 #[allow(unused_imports)]
