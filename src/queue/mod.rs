@@ -72,7 +72,7 @@ use shared::Shared;
 
 /// Buffers kept between calls for encoding and decoding, per thread; one
 /// grown past this is freed after use.
-const KEEP_BUFFER: usize = 1 << 20;
+const KEEP_BUFFER: usize = 4 << 20;
 
 thread_local! {
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
