@@ -121,7 +121,14 @@ fn deadline_after(timeout: Duration) -> Option<Instant> {
 ///   (1 GiB); for byte payloads use `serde_bytes` (a plain `Vec<u8>` goes
 ///   through serde byte by byte).
 ///
-/// See the [module design notes](self) for how.
+/// How: the messages sit in a ring in shared memory (a memfd mapped once,
+/// before any fork), guarded by a robust [`Lock`](crate::Lock). Every put or
+/// get publishes the queue's new state with one store after its copy, so a
+/// process killed anywhere leaves the last published state whole, and the
+/// next process to take the lock carries on. Waiters sleep on futexes; an
+/// uncontended put or get makes no system call. An unbounded queue holds up
+/// to 8 GiB of encoded messages (less where the kernel grants less address
+/// space); `put` waits past that.
 ///
 /// ```
 /// use multiproc::{Process, Queue};

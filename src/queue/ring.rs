@@ -33,6 +33,12 @@ pub(crate) trait Store {
     fn read(&self, off: usize, buf: &mut [u8]) -> io::Result<()>;
     /// Copies `data` to `off`.
     fn write(&self, off: usize, data: &[u8]) -> io::Result<()>;
+    /// Appends the `len` bytes at `off` to `out`.
+    fn read_append(&self, off: usize, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        let at = out.len();
+        out.resize(at + len, 0);
+        self.read(off, &mut out[at..])
+    }
     /// Makes `len` bytes addressable (grows or shrinks the backing store).
     fn resize(&self, len: usize) -> io::Result<()>;
     /// The largest capacity the store can ever have.
@@ -235,8 +241,11 @@ pub(crate) fn pop(store: &dyn Store, st: State, out: &mut Vec<u8>) -> Result<Opt
             ))
         })?;
     out.clear();
-    out.resize(total - HEADER_LEN, 0);
-    read_wrapped(store, st.cap, (st.head + HEADER_LEN) % st.cap, out)?;
+    let off = (st.head + HEADER_LEN) % st.cap;
+    let len = total - HEADER_LEN;
+    let first = len.min(st.cap - off);
+    store.read_append(off, first, out)?;
+    store.read_append(0, len - first, out)?;
     let mut next = st;
     next.head = (st.head + total) % st.cap;
     next.used -= total;

@@ -82,6 +82,10 @@ impl Store for RingStore {
         self.map.write_at(off, data)
     }
 
+    fn read_append(&self, off: usize, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        sys::read_append(&self.map, off, len, out)
+    }
+
     fn resize(&self, len: usize) -> io::Result<()> {
         // Shrinking or growing the file never touches bytes below `len`.
         sys::set_len(self.fd.as_fd(), len)?;

@@ -22,6 +22,7 @@ mod proc;
 mod robust;
 mod server;
 mod signal;
+mod view;
 mod wait;
 
 #[allow(unused_imports)]
@@ -41,6 +42,7 @@ pub(crate) use robust::*;
 #[allow(unused_imports)]
 pub(crate) use server::*;
 pub(crate) use signal::*;
+pub(crate) use view::*;
 pub(crate) use wait::*;
 
 pub(crate) use nix::unistd::Pid;
