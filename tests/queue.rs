@@ -194,6 +194,59 @@ fn producer_killed_mid_put_corrupts_nothing() {
     assert!(q.is_empty());
 }
 
+#[test]
+fn consumer_killed_mid_get_leaves_the_rest_whole() {
+    // A consumer of big messages killed at a random moment, maybe in the
+    // middle of copying one out: every message is then either reported by
+    // it, or still in the queue, whole, except at most the one it had taken
+    // and not yet reported.
+    const LEN: usize = 8 * MIB;
+    const N: u64 = 12;
+    let mut rng = Rng::new();
+    for _round in 0..3 {
+        let q = Queue::<Big>::new().unwrap();
+        for seq in 0..N {
+            q.put(&Big::new(seq, LEN)).unwrap();
+        }
+        let (mut tx, mut rx) = pipe().unwrap();
+        let cq = q.clone();
+        let consumer = started(move || {
+            tx.send(&u64::MAX).unwrap();
+            while let Some(m) = cq.try_get().unwrap() {
+                tx.send(&if m.is_whole(LEN) { m.seq } else { u64::MAX - 1 })
+                    .unwrap();
+            }
+        });
+        assert_eq!(rx.recv_timeout::<u64>(DEADLINE).unwrap(), Some(u64::MAX));
+        std::thread::sleep(Duration::from_micros(rng.below(100_000)));
+        consumer.kill().unwrap();
+        exit_code(&consumer);
+        let mut seen = vec![0u32; N as usize];
+        // Its reports, up to the end of the pipe (it is dead).
+        loop {
+            let seq = match rx.recv_timeout::<u64>(DEADLINE) {
+                Ok(Some(seq)) => seq,
+                Err(e) if e.is_disconnected() => break,
+                other => panic!("unexpected {other:?}"),
+            };
+            assert_ne!(seq, u64::MAX - 1, "the consumer got a torn message");
+            seen[seq as usize] += 1;
+        }
+        while let Some(m) = q.get_timeout(Duration::from_secs(5)).unwrap() {
+            assert!(m.is_whole(LEN), "message {} torn", m.seq);
+            seen[m.seq as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n <= 1), "delivered twice: {seen:?}");
+        assert!(
+            seen.iter().filter(|&&n| n == 0).count() <= 1,
+            "lost more than the one in hand: {seen:?}"
+        );
+        // The killed consumer's lock is taken over: the queue goes on.
+        q.put(&Big::new(1, 1)).unwrap();
+        assert!(q.try_get().unwrap().unwrap().is_whole(1));
+    }
+}
+
 /// Waits until `pid` sleeps (state `S`): a consumer in `get` on an empty
 /// queue sleeps on a futex.
 fn wait_until_sleeping(pid: u32) {
