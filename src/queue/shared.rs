@@ -32,11 +32,15 @@ const SPINS: u32 = 200;
 // other slot whole before it flips `COMMIT`.
 const COMMIT: usize = 0;
 const SLOTS: [usize; 2] = [64, 128];
-// Futex words, counting the events the waiters sleep on.
-const PUT_SEQ: usize = 192; // a message was put: getters wake
-const GOT_SEQ: usize = 196; // a message was taken: putters wake (bounded / full)
-const DONE_SEQ: usize = 200; // the unfinished count reached 0: joiners wake
-                             // How many are asleep (or about to be) on each word.
+// Futex words, counting the events the waiters sleep on: a message was
+// put (getters wake), a message was taken (putters of a full queue wake),
+// the unfinished count reached 0 (joiners wake).
+const PUT_SEQ: usize = 192;
+const GOT_SEQ: usize = 196;
+const DONE_SEQ: usize = 200;
+// How many sleep (or are about to) on each word. A process killed while
+// asleep leaves its count behind: wakers then make a `futex_wake` call that
+// finds no one, which costs time, never correctness.
 const GETTERS: usize = 256;
 const PUTTERS: usize = 260;
 const JOINERS: usize = 264;
@@ -87,7 +91,9 @@ impl Store for RingStore {
     }
 
     fn resize(&self, len: usize) -> io::Result<()> {
-        // Shrinking or growing the file never touches bytes below `len`.
+        // Neither touches the bytes below `len`. Allocating every page
+        // now turns a lack of memory into an error here rather than a
+        // SIGBUS at the first write into the page.
         sys::set_len(self.fd.as_fd(), len)?;
         sys::allocate(self.fd.as_fd(), len)
     }

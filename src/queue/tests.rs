@@ -128,3 +128,12 @@ fn a_reentrant_serialize_gets_its_own_buffer() {
     assert_eq!(inner.get().unwrap(), 9);
     assert_eq!(outer_core.get().unwrap(), 5);
 }
+
+#[test]
+fn handles_are_send_sync_and_clone_for_any_t() {
+    fn check<Q: Send + Sync + Clone + fmt::Debug>() {}
+    // Values cross as bytes, so even a `T` that is neither Send nor Sync
+    // leaves the handle both.
+    check::<Queue<std::rc::Rc<u8>>>();
+    check::<JoinableQueue<std::cell::Cell<u8>>>();
+}
