@@ -89,6 +89,11 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// A [`Barrier`](crate::Barrier) was broken: a party timed out or
+    /// aborted it while others waited (Python's `BrokenBarrierError`).
+    #[error("barrier is broken")]
+    BrokenBarrier,
 }
 
 impl Error {
@@ -111,6 +116,11 @@ impl Error {
     /// (end of file with no partial frame pending).
     pub fn is_disconnected(&self) -> bool {
         matches!(self, Error::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof)
+    }
+
+    /// `true` for [`Error::BrokenBarrier`].
+    pub fn is_broken_barrier(&self) -> bool {
+        matches!(self, Error::BrokenBarrier)
     }
 
     /// The panic message, for [`Error::Panicked`].

@@ -60,6 +60,26 @@
 //! # Ok::<(), multiproc::Error>(())
 //! ```
 //!
+//! Shared state works between processes as between threads: [`Lock`],
+//! [`RLock`], [`Semaphore`], [`Event`], [`Barrier`], [`Value`] and [`Array`]
+//! live in shared memory made before the fork, wait on futexes, and have a
+//! timeout variant of every wait. The locks are robust: when a holder dies
+//! holding one, the next locker takes it over at once and its guard says
+//! [`owner_died`](LockGuard::owner_died). [`SharedMemory`] is a block of bytes
+//! shared through `fork` or by name (POSIX shared memory).
+//!
+//! ```
+//! use multiproc::{Process, Value};
+//!
+//! let hits = Value::new(0u32)?;
+//! let h = hits.clone();
+//! let mut child = Process::new(move || h.update(|n| *n += 1));
+//! child.start()?;
+//! child.join()?;
+//! assert_eq!(hits.get(), 1);
+//! # Ok::<(), multiproc::Error>(())
+//! ```
+//!
 //! A [`Queue`] carries serde values between any number of producer and
 //! consumer processes through shared memory; a [`JoinableQueue`] also
 //! counts unfinished tasks. A message is in the queue when `put` returns,
@@ -145,6 +165,7 @@ mod pool;
 mod popen;
 mod process;
 mod queue;
+mod shm;
 mod spawn;
 mod supervisor;
 mod sync;
@@ -172,7 +193,11 @@ pub use supervisor::{fork_processes, task_id, Role, Stopped, Supervisor};
 pub use daemon::Daemon;
 
 // Shared state (issue 10).
-pub use sync::{Lock, LockGuard};
+pub use shm::SharedMemory;
+pub use sync::{
+    Array, ArrayGuard, Barrier, Event, Lock, LockGuard, RLock, RLockGuard, Semaphore, Value,
+    ValueGuard,
+};
 
 // Re-exports of the queue layer (issue 10).
 pub use queue::{JoinableQueue, Queue};

@@ -85,6 +85,7 @@ impl Lock {
     /// assert!(lock.lock().is_err()); // already held by this thread
     /// # Ok::<(), multiproc::Error>(())
     /// ```
+    #[inline]
     pub fn lock(&self) -> Result<LockGuard<'_>> {
         let raw = self.inner.lock(None)?;
         // Without a timeout, pthread_mutex_lock returns only once it holds the lock.
@@ -105,6 +106,7 @@ impl Lock {
     /// assert!(guard.is_some());
     /// # Ok::<(), multiproc::Error>(())
     /// ```
+    #[inline]
     pub fn try_lock(&self) -> Result<Option<LockGuard<'_>>> {
         Ok(self.inner.try_lock()?.map(|raw| LockGuard { raw }))
     }

@@ -14,6 +14,58 @@
 //! `abort`, `_exit`), the next locker gets it at once and its guard reports
 //! `owner_died()`, where Python's `multiprocessing.Lock` stays locked forever.
 
+mod barrier;
+mod event;
 mod lock;
+mod rlock;
+mod semaphore;
+mod value;
 
+pub use barrier::Barrier;
+pub use event::Event;
 pub use lock::{Lock, LockGuard};
+pub use rlock::{RLock, RLockGuard};
+pub use semaphore::Semaphore;
+pub use value::{Array, ArrayGuard, Value, ValueGuard};
+
+use std::time::{Duration, Instant};
+
+/// The end of a wait: `None` for no limit (and for a timeout too large to
+/// add to the clock).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline(Option<Instant>);
+
+impl Deadline {
+    pub(crate) fn after(timeout: Option<Duration>) -> Deadline {
+        Deadline(timeout.and_then(|d| Instant::now().checked_add(d)))
+    }
+
+    /// What is left: `Some(None)` without a limit, `Some(Some(d))` with `d`
+    /// left, `None` once the deadline passed.
+    pub(crate) fn remaining(&self) -> Option<Option<Duration>> {
+        match self.0 {
+            None => Some(None),
+            Some(end) => {
+                let left = end.saturating_duration_since(Instant::now());
+                (!left.is_zero()).then_some(Some(left))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines() {
+        assert_eq!(Deadline::after(None).remaining(), Some(None));
+        assert_eq!(Deadline::after(Some(Duration::MAX)).remaining(), Some(None));
+        assert_eq!(Deadline::after(Some(Duration::ZERO)).remaining(), None);
+        let left = Deadline::after(Some(Duration::from_secs(100)))
+            .remaining()
+            .unwrap()
+            .unwrap();
+        assert!(left <= Duration::from_secs(100) && left > Duration::from_secs(50));
+    }
+}

@@ -5,9 +5,6 @@
 //! the kernel keys the wait queue on the backing page, not on the address
 //! in one process.
 
-// Some helpers serve only the queue layer (another branch) for now.
-#![allow(dead_code)]
-
 use std::io;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;

@@ -2,9 +2,6 @@
 //! mappings of a memfd or a POSIX shared memory object; `memfd_create`,
 //! `shm_open`, `shm_unlink` and `ftruncate`.
 
-// Some helpers serve only the queue layer (another branch) for now.
-#![allow(dead_code)]
-
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -225,6 +222,57 @@ pub(crate) fn shm_unlink(name: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The unsafe views of [`SharedMemory`](crate::SharedMemory) live here, with
+/// every other `unsafe` line of the crate.
+impl crate::shm::SharedMemory {
+    /// The whole memory as a byte slice.
+    ///
+    /// # Safety
+    /// While the slice lives, no process or thread may write the memory
+    /// (through [`write_at`](crate::SharedMemory::write_at),
+    /// [`as_mut_slice`](crate::SharedMemory::as_mut_slice), the pointer, or
+    /// another process's mapping): Rust assumes a `&[u8]` does not change.
+    /// Keep writers out with a lock or a protocol of your own.
+    ///
+    /// ```
+    /// let shm = multiproc::SharedMemory::new(4)?;
+    /// shm.write_at(0, &[1, 2, 3, 4])?;
+    /// // SAFETY: no other process or thread has this memory.
+    /// let bytes = unsafe { shm.as_slice() };
+    /// assert_eq!(bytes, &[1, 2, 3, 4]);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len()` readable bytes that live as long as
+        // `&self`; the caller promises that no one writes them meanwhile.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.map.len()) }
+    }
+
+    /// The whole memory as a mutable byte slice.
+    ///
+    /// # Safety
+    /// While the slice lives, no other process or thread may read or write
+    /// the memory, and this process holds no other view of it (another
+    /// `as_slice`/`as_mut_slice`, a clone's): the slice must be the only way
+    /// to the bytes, as for any `&mut`.
+    ///
+    /// ```
+    /// let shm = multiproc::SharedMemory::new(4)?;
+    /// // SAFETY: no other process or thread has this memory, and this is
+    /// // the only view of it.
+    /// unsafe { shm.as_mut_slice() }.copy_from_slice(b"abcd");
+    /// let mut buf = [0u8; 4];
+    /// shm.read_at(0, &mut buf)?;
+    /// assert_eq!(&buf, b"abcd");
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    #[allow(clippy::mut_from_ref)] // the `# Safety` contract makes it exclusive
+    pub unsafe fn as_mut_slice(&self) -> &mut [u8] {
+        // SAFETY: as for `as_slice`; the caller promises exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr(), self.map.len()) }
+    }
 }
 
 #[cfg(test)]

@@ -30,10 +30,8 @@ pub(crate) use daemon::*;
 pub(crate) use fallocate::*;
 pub(crate) use fd::*;
 pub(crate) use fork::*;
-#[allow(unused_imports)]
 pub(crate) use futex::*;
 pub(crate) use mem::*;
-#[allow(unused_imports)]
 pub(crate) use mman::*;
 #[allow(unused_imports)]
 pub(crate) use pool::*;
