@@ -69,7 +69,9 @@ fn main() -> Result<ExitCode> {
             }
             tasks.task_done().unwrap();
         })
-        .with_name(format!("consumer-{c}"));
+        .with_name(format!("consumer-{c}"))
+        // Should this program fail half-way, its consumers die with it.
+        .with_daemon(true);
         consumer.start()?;
         consumers.push(consumer);
     }
@@ -91,8 +93,9 @@ fn main() -> Result<ExitCode> {
     for _ in 1..CONSUMERS {
         tasks.put(&None)?;
     }
+    let mut survivors_ok = true;
     for consumer in &consumers[1..] {
-        consumer.join_timeout(LIMIT)?;
+        survivors_ok &= consumer.join_timeout(LIMIT)? == Some(0);
     }
 
     let total = 2 * PER_BATCH;
