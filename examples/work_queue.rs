@@ -117,7 +117,7 @@ fn main() -> Result<ExitCode> {
         killed.map_or("none".to_string(), |c| c.to_string()),
     );
     Ok(
-        if lost == 0 && twice == 0 && wrong == 0 && killed == Some(-9) {
+        if lost == 0 && twice == 0 && wrong == 0 && killed == Some(-9) && survivors_ok {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
