@@ -492,6 +492,28 @@ fn join_in_a_child_waits_for_the_parent_s_task_done() {
     assert_eq!(exit_code(&joiner), 0);
 }
 
+/// A queue that pool tasks (plain `fn`s) reach through a static, set
+/// before the pool forks its workers.
+static RESULTS: std::sync::OnceLock<Queue<u64>> = std::sync::OnceLock::new();
+
+fn square_into_queue(x: u64) -> u64 {
+    RESULTS.get().unwrap().put(&(x * x)).unwrap();
+    x
+}
+
+#[test]
+fn pool_workers_put_through_a_static_queue() {
+    RESULTS.set(Queue::new().unwrap()).unwrap();
+    let pool = multiproc::Pool::new(2).unwrap();
+    let echoed = pool.map(square_into_queue, 0..100u64).unwrap();
+    assert_eq!(echoed, (0..100).collect::<Vec<_>>());
+    let q = RESULTS.get().unwrap();
+    let mut got: Vec<u64> = (0..100).map(|_| q.try_get().unwrap().unwrap()).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    assert!(q.is_empty());
+}
+
 #[test]
 fn work_queue_example_loses_nothing() {
     let bin = common::example_binary("work_queue");
