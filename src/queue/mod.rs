@@ -44,14 +44,26 @@
 //!   times without sleeping. A sleeper also looks again every 200 ms on its
 //!   own, which covers the one wake-up that can go missing: that of a
 //!   process killed between its commit and its `futex_wake`. (A waker that
-//!   took the lock over from a dead holder wakes everyone.)
+//!   took the lock over from a dead holder wakes everyone.) A process killed
+//!   while asleep leaves its waiter count behind: wakers then make a
+//!   `futex_wake` call that finds no one, a cost in time only.
+//! - **Copies**: a put encodes outside the lock and copies the frame in
+//!   under it; a get copies the payload out under the lock (into a reused
+//!   buffer, without zero-filling it) and decodes outside. User code
+//!   (`Serialize`, `Deserialize`) never runs under the lock.
+//!
+//! Measured (`benches/queue.rs` against `benches/python/queue.py`, same
+//! sitting, 2 busy cores): 1 producer → 1 consumer, `u64`: ~3.7 M msgs/s
+//! (Python ~36 k); 4 × 4 processes: ~3.3 M msgs/s (Python ~46 k); 1 MiB
+//! `serde_bytes` messages: ~2.2 GB/s (Python ~0.5 GB/s).
 //!
 //! Limits: one message's payload is at most
 //! [`DEFAULT_MAX_FRAME_LEN`](crate::DEFAULT_MAX_FRAME_LEN) (1 GiB); an
 //! "unbounded" queue holds as many bytes as its address range (8 GiB, or
 //! 4 or 2 where the kernel grants less), and `put` waits past that, as on
 //! a bounded queue. The ring's memory is the queue's own (a memfd, in RAM
-//! or swap): an empty queue gives back all but 64 KiB of it.
+//! or swap): a ring that grew past 64 MiB shrinks back to 64 KiB when the
+//! queue empties.
 
 mod ring;
 mod shared;
