@@ -73,14 +73,14 @@ use std::fmt;
 use std::io;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec;
 use crate::error::{Error, Result};
-use shared::Shared;
+use shared::{Shared, Wait};
 
 /// Buffers kept between calls for encoding and decoding, per thread; one
 /// grown past this is freed after use.
@@ -104,11 +104,6 @@ fn with_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         }
         Err(_) => f(&mut Vec::new()),
     })
-}
-
-fn deadline_after(timeout: Duration) -> Option<Instant> {
-    // A timeout too far to represent is no timeout.
-    Instant::now().checked_add(timeout)
 }
 
 /// A multi-producer, multi-consumer FIFO queue between processes and
@@ -260,7 +255,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn put(&self, value: &T) -> Result<()> {
-        Self::with_frame(value, |frame| self.shared.put_frame(frame, None)).map(drop)
+        Self::with_frame(value, |frame| self.shared.put_frame(frame, Wait::Forever)).map(drop)
     }
 
     /// Puts `value`, waiting at most `timeout` for room: `Ok(false)` if the
@@ -280,12 +275,14 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn put_timeout(&self, value: &T, timeout: Duration) -> Result<bool> {
-        let deadline = deadline_after(timeout);
-        Self::with_frame(value, |frame| self.shared.put_frame(frame, deadline))
+        let wait = Wait::after(timeout);
+        Self::with_frame(value, |frame| self.shared.put_frame(frame, wait))
     }
 
     /// Puts `value` if there is room now: `Ok(false)` on a full queue
-    /// (`put_nowait` in Python, without the exception).
+    /// (`put_nowait` in Python, without the exception). It does not wait for
+    /// room, but it may wait for another process that is copying a message
+    /// in or out to finish (Python's would report a full queue then).
     ///
     /// # Errors
     /// As for [`put`](Queue::put).
@@ -298,7 +295,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// ```
     #[doc(alias = "put_nowait")]
     pub fn try_put(&self, value: &T) -> Result<bool> {
-        self.put_timeout(value, Duration::ZERO)
+        Self::with_frame(value, |frame| self.shared.put_frame(frame, Wait::No))
     }
 
     /// Decodes a payload taken from the queue.
@@ -330,7 +327,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// ```
     pub fn get(&self) -> Result<T> {
         with_buffer(|buf| {
-            let found = self.shared.get_frame(buf, None)?;
+            let found = self.shared.get_frame(buf, Wait::Forever)?;
             Self::decode(found, buf)
         })?
         .ok_or_else(|| Error::Io(io::Error::other("get returned without a message")))
@@ -352,16 +349,18 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn get_timeout(&self, timeout: Duration) -> Result<Option<T>> {
-        let deadline = deadline_after(timeout);
+        let wait = Wait::after(timeout);
         with_buffer(|buf| {
-            let found = self.shared.get_frame(buf, deadline)?;
+            let found = self.shared.get_frame(buf, wait)?;
             Self::decode(found, buf)
         })
     }
 
     /// Takes the first message if there is one now (`get_nowait` in
-    /// Python, without the exception). It may wait for another process
-    /// that is copying a message in or out to finish.
+    /// Python, without the exception). It does not wait for a message, but
+    /// it may wait for another process that is copying a message in or out
+    /// to finish (Python's would report an empty queue then), so draining
+    /// with it sees every message already put.
     ///
     /// # Errors
     /// As for [`get`](Queue::get).
@@ -375,9 +374,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// ```
     #[doc(alias = "get_nowait")]
     pub fn try_get(&self) -> Result<Option<T>> {
-        let now = Some(Instant::now());
         with_buffer(|buf| {
-            let found = self.shared.get_frame(buf, now)?;
+            let found = self.shared.get_frame(buf, Wait::No)?;
             Self::decode(found, buf)
         })
     }
@@ -646,7 +644,7 @@ impl<T> JoinableQueue<T> {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn join(&self) -> Result<()> {
-        self.queue.shared.join(None).map(drop)
+        self.queue.shared.join(Wait::Forever).map(drop)
     }
 
     /// Waits at most `timeout` until every message put so far is marked
@@ -667,7 +665,7 @@ impl<T> JoinableQueue<T> {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn join_timeout(&self, timeout: Duration) -> Result<bool> {
-        self.queue.shared.join(deadline_after(timeout))
+        self.queue.shared.join(Wait::after(timeout))
     }
 
     /// The number of messages in the queue, approximately; see

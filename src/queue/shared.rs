@@ -196,8 +196,41 @@ impl Drop for Locked<'_> {
     }
 }
 
-fn expired(deadline: Option<Instant>) -> bool {
-    deadline.is_some_and(|d| Instant::now() >= d)
+/// How long an operation may wait for a message, for room, or for the
+/// unfinished count to reach zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// For as long as it takes.
+    Forever,
+    /// Until this instant (the lock too is waited for only until then).
+    Until(Instant),
+    /// Not at all; only for the lock, which is held for one copy at most
+    /// (or taken over at once from a dead holder).
+    No,
+}
+
+impl Wait {
+    /// `Until(now + timeout)`; `Forever` for a timeout too far to represent.
+    pub(crate) fn after(timeout: Duration) -> Wait {
+        Instant::now()
+            .checked_add(timeout)
+            .map_or(Wait::Forever, Wait::Until)
+    }
+
+    fn expired(self) -> bool {
+        match self {
+            Wait::Forever => false,
+            Wait::Until(d) => Instant::now() >= d,
+            Wait::No => true,
+        }
+    }
+
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Wait::Until(d) => Some(d),
+            Wait::Forever | Wait::No => None,
+        }
+    }
 }
 
 impl Shared {
@@ -253,8 +286,8 @@ impl Shared {
         self.state().count
     }
 
-    fn lock_until(&self, deadline: Option<Instant>) -> Result<Option<Locked<'_>>> {
-        let guard = match deadline {
+    fn lock_until(&self, wait: Wait) -> Result<Option<Locked<'_>>> {
+        let guard = match wait.deadline() {
             None => Some(self.lock.lock()?),
             Some(d) => self
                 .lock
@@ -268,11 +301,11 @@ impl Shared {
         }))
     }
 
-    /// Puts one encoded frame; `Ok(false)` if still full at `deadline`.
-    pub(crate) fn put_frame(&self, frame: &[u8], deadline: Option<Instant>) -> Result<bool> {
+    /// Puts one encoded frame; `Ok(false)` if still full when `wait` ends.
+    pub(crate) fn put_frame(&self, frame: &[u8], wait: Wait) -> Result<bool> {
         self.check_frame_len(frame.len())?;
         loop {
-            let Some(mut locked) = self.lock_until(deadline)? else {
+            let Some(mut locked) = self.lock_until(wait)? else {
                 return Ok(false);
             };
             match ring::push(&self.ring, locked.state(), frame, self.maxsize)? {
@@ -281,8 +314,8 @@ impl Shared {
                     locked.signal(PUT_SEQ, GETTERS, 1);
                     return Ok(true);
                 }
-                Push::Full if expired(deadline) => return Ok(false),
-                Push::Full => locked.sleep(GOT_SEQ, PUTTERS, deadline)?,
+                Push::Full if wait.expired() => return Ok(false),
+                Push::Full => locked.sleep(GOT_SEQ, PUTTERS, wait.deadline())?,
             }
         }
     }
@@ -312,13 +345,13 @@ impl Shared {
     }
 
     /// Takes the first frame's payload into `out`; `Ok(false)` if none came
-    /// by `deadline`.
-    pub(crate) fn get_frame(&self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<bool> {
+    /// before `wait` ends.
+    pub(crate) fn get_frame(&self, out: &mut Vec<u8>, wait: Wait) -> Result<bool> {
         loop {
-            if deadline.is_none_or(|d| d > Instant::now()) {
+            if !wait.expired() {
                 self.spin_while_empty();
             }
-            let Some(mut locked) = self.lock_until(deadline)? else {
+            let Some(mut locked) = self.lock_until(wait)? else {
                 return Ok(false);
             };
             if let Some(p) = ring::pop(&self.ring, locked.state(), out)? {
@@ -335,16 +368,16 @@ impl Shared {
                 }
                 return Ok(true);
             }
-            if expired(deadline) {
+            if wait.expired() {
                 return Ok(false);
             }
-            locked.sleep(PUT_SEQ, GETTERS, deadline)?;
+            locked.sleep(PUT_SEQ, GETTERS, wait.deadline())?;
         }
     }
 
     /// Marks one message done; `Ok(false)` if none was unfinished.
     pub(crate) fn task_done(&self) -> Result<bool> {
-        let Some(mut locked) = self.lock_until(None)? else {
+        let Some(mut locked) = self.lock_until(Wait::Forever)? else {
             return Ok(false);
         };
         let Some(next) = ring::task_done(locked.state()) else {
@@ -358,20 +391,26 @@ impl Shared {
     }
 
     /// Waits until every message put was marked done; `Ok(false)` at
-    /// `deadline`.
-    pub(crate) fn join(&self, deadline: Option<Instant>) -> Result<bool> {
+    /// when `wait` ends.
+    pub(crate) fn join(&self, wait: Wait) -> Result<bool> {
         loop {
-            let Some(locked) = self.lock_until(deadline)? else {
+            let Some(locked) = self.lock_until(wait)? else {
                 return Ok(false);
             };
             if locked.state().unfinished == 0 {
                 return Ok(true);
             }
-            if expired(deadline) {
+            if wait.expired() {
                 return Ok(false);
             }
-            locked.sleep(DONE_SEQ, JOINERS, deadline)?;
+            locked.sleep(DONE_SEQ, JOINERS, wait.deadline())?;
         }
+    }
+
+    /// Takes the queue's lock, as a put or get in progress holds it.
+    #[cfg(test)]
+    pub(crate) fn hold_lock(&self) -> LockGuard<'_> {
+        self.lock.lock().unwrap()
     }
 
     /// Messages put and not yet marked done, approximately.

@@ -123,7 +123,10 @@ fn a_reentrant_serialize_gets_its_own_buffer() {
     let outer_core = Queue::<u8>::new().unwrap();
     with_buffer(|buf| {
         codec::encode_frame(&Nested(inner.clone()), buf).unwrap();
-        outer_core.shared.put_frame(buf, None).unwrap();
+        outer_core
+            .shared
+            .put_frame(buf, shared::Wait::Forever)
+            .unwrap();
     });
     assert_eq!(inner.get().unwrap(), 9);
     assert_eq!(outer_core.get().unwrap(), 5);
@@ -136,4 +139,35 @@ fn handles_are_send_sync_and_clone_for_any_t() {
     // leaves the handle both.
     check::<Queue<std::rc::Rc<u8>>>();
     check::<JoinableQueue<std::cell::Cell<u8>>>();
+}
+
+#[test]
+fn try_get_and_try_put_wait_for_a_copy_in_progress_not_for_messages() {
+    let q = Queue::<u8>::bounded(2).unwrap();
+    q.put(&1).unwrap();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let q = q.clone();
+        std::thread::spawn(move || {
+            let _guard = q.shared.hold_lock();
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(Duration::from_secs(20));
+        })
+    };
+    locked_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    // A timed get gives up on the lock at its deadline...
+    assert_eq!(q.get_timeout(Duration::from_millis(20)).unwrap(), None);
+    // ...try_get waits for it, and finds the message.
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        release_tx.send(()).unwrap();
+    });
+    assert_eq!(q.try_get().unwrap(), Some(1));
+    assert!(q.try_put(&2).unwrap());
+    assert!(q.try_put(&3).unwrap());
+    assert!(!q.try_put(&4).unwrap());
+    assert_eq!(q.try_get().unwrap(), Some(2));
+    holder.join().unwrap();
+    releaser.join().unwrap();
 }
