@@ -60,8 +60,10 @@
 //! Limits: one message's payload is at most
 //! [`DEFAULT_MAX_FRAME_LEN`](crate::DEFAULT_MAX_FRAME_LEN) (1 GiB); an
 //! "unbounded" queue holds as many bytes as its address range (8 GiB, or
-//! 4 or 2 where the kernel grants less), and `put` waits past that, as on
-//! a bounded queue. The ring's memory is the queue's own (a memfd, in RAM
+//! 4, 2 or 0.25 where `RLIMIT_AS` grants less, with a message limit to
+//! match), and `put` waits past that, as on a bounded queue. Each queue
+//! takes that much address space (not memory), one memfd and three
+//! mappings. The ring's memory is the queue's own (a memfd, in RAM
 //! or swap): a ring that grew past 64 MiB shrinks back to 64 KiB when the
 //! queue empties.
 
@@ -134,8 +136,9 @@ fn with_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
 /// process killed anywhere leaves the last published state whole, and the
 /// next process to take the lock carries on. Waiters sleep on futexes; an
 /// uncontended put or get makes no system call. An unbounded queue holds up
-/// to 8 GiB of encoded messages (less where the kernel grants less address
-/// space); `put` waits past that.
+/// to 8 GiB of encoded messages (less where `RLIMIT_AS` grants less address
+/// space); `put` waits past that. Each queue holds one file descriptor (its
+/// memfd) in every process that has it.
 ///
 /// ```
 /// use multiproc::{Process, Queue};

@@ -14,9 +14,10 @@ use crate::sys::{self, SharedMapping};
 use super::ring::{self, Push, State, Store, INITIAL_CAP};
 
 /// Address space reserved for the ring, largest first; the first one the
-/// kernel grants is used. Only what the ring's capacity covers is backed by
-/// memory.
-const RESERVES: [u64; 3] = [1 << 33, 1 << 32, 1 << 31];
+/// kernel grants is used (a process under a tight `RLIMIT_AS` gets a smaller
+/// one, and a lower limit on one message). Only what the ring's capacity
+/// covers is backed by memory.
+const RESERVES: [u64; 4] = [1 << 33, 1 << 32, 1 << 31, 1 << 28];
 
 /// The longest a waiter sleeps before it looks again on its own: a safety
 /// net for the one wake-up that can be missed, that of a process killed
@@ -324,8 +325,9 @@ impl Shared {
     /// hold.
     pub(crate) fn check_frame_len(&self, frame_len: usize) -> Result<()> {
         let payload = frame_len.saturating_sub(HEADER_LEN);
-        if payload > DEFAULT_MAX_FRAME_LEN || !ring::fits_ever(&self.ring, frame_len) {
-            return Err(codec::oversize_on_send(payload, DEFAULT_MAX_FRAME_LEN));
+        let limit = DEFAULT_MAX_FRAME_LEN.min(self.ring.max_len() - HEADER_LEN);
+        if payload > limit || !ring::fits_ever(&self.ring, frame_len) {
+            return Err(codec::oversize_on_send(payload, limit));
         }
         Ok(())
     }
