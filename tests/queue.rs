@@ -492,6 +492,31 @@ fn join_in_a_child_waits_for_the_parent_s_task_done() {
     assert_eq!(exit_code(&joiner), 0);
 }
 
+#[test]
+fn a_tight_address_space_limit_gets_a_smaller_queue() {
+    // In a child: address space for what it has plus 1.5 GiB, so the 8, 4 and
+    // 2 GiB reserves are refused and the queue falls back to 256 MiB.
+    let p = started(|| {
+        use nix::sys::resource::{setrlimit, Resource};
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let vm_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmSize:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        let limit = vm_kib * 1024 + (3 << 29);
+        setrlimit(Resource::RLIMIT_AS, limit, limit).unwrap();
+        let q = Queue::<ByteBuf>::new().unwrap();
+        q.put(&ByteBuf::from(vec![7u8; 1000])).unwrap();
+        let ok = q.get().unwrap().iter().all(|&b| b == 7);
+        // More than the small reserve holds: refused, not a crash.
+        let big = ByteBuf::from(vec![0u8; 300 * MIB]);
+        let refused = matches!(q.put(&big), Err(multiproc::Error::Codec(_)));
+        multiproc::exit(if ok && refused { 0 } else { 1 });
+    });
+    assert_eq!(exit_code(&p), 0);
+}
+
 /// A queue that pool tasks (plain `fn`s) reach through a static, set
 /// before the pool forks its workers.
 static RESULTS: std::sync::OnceLock<Queue<u64>> = std::sync::OnceLock::new();
