@@ -516,3 +516,27 @@ fn event_set_then_clear_still_releases_the_waiters_of_that_set() {
     assert_eq!(exit_code(&child), 0);
     assert!(!event.is_set());
 }
+
+/// Every other test of this file again, in a subprocess whose locks use the
+/// fallback backend (glibc's robust pthread mutexes).
+#[test]
+fn the_pthread_fallback_passes_the_same_tests() {
+    if std::env::var_os("MULTIPROC_PTHREAD_LOCKS").is_some() {
+        return; // already the fallback run
+    }
+    let out = common::temp_dir("pthread-locks").join("out.txt");
+    let file = std::fs::File::create(&out).unwrap();
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["-q", "--test-threads=4"])
+        .env("MULTIPROC_PTHREAD_LOCKS", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    let mut child = common::ReapedChild(cmd.spawn().unwrap());
+    let status = common::wait_child(&mut child.0, Duration::from_secs(60))
+        .expect("the fallback run did not finish in time");
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(out.parent().unwrap());
+    assert!(status.success(), "fallback run failed:\n{text}");
+    assert!(text.contains("test result: ok"), "{text}");
+}

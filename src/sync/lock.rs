@@ -88,7 +88,7 @@ impl Lock {
     #[inline]
     pub fn lock(&self) -> Result<LockGuard<'_>> {
         let raw = self.inner.lock(None)?;
-        // Without a timeout, pthread_mutex_lock returns only once it holds the lock.
+        // Without a timeout, a lock call returns only once it holds the lock.
         Ok(LockGuard {
             raw: raw.ok_or_else(|| std::io::Error::other("lock returned without the lock"))?,
         })

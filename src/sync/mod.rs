@@ -13,6 +13,12 @@
 //! The locks are *robust*: when a holder dies holding one (any signal,
 //! `abort`, `_exit`), the next locker gets it at once and its guard reports
 //! `owner_died()`, where Python's `multiprocessing.Lock` stays locked forever.
+//!
+//! Each object is a mapping of its own (one page, or more for a large
+//! [`Array`]): fine for the tens or thousands of objects a program shares,
+//! but the kernel limits a process to about 65 000 mappings
+//! (`vm.max_map_count`), so keep many small values in one `Array` or
+//! [`SharedMemory`](crate::SharedMemory) rather than in as many `Value`s.
 
 mod barrier;
 mod event;

@@ -1,6 +1,6 @@
 //! [`Value`] and [`Array`]: plain data in shared memory behind a robust lock.
 //!
-//! The lock and the data share one mapping: a robust `pthread_mutex_t`,
+//! The lock and the data share one mapping: the robust lock (64 bytes),
 //! then the bytes of the `T` (or of the `[T]`), aligned for `T`. The data is
 //! only ever reached through a guard of that lock (`get`, `set` and `update`
 //! take it too), so every access in every process is exclusive. `T: Pod`

@@ -25,11 +25,17 @@
 //!   mutexes next to ours and the kernel walks both. The head is found with
 //!   `get_robust_list(0)`, and its `futex_offset` is checked to be the one
 //!   this layout needs (`-32`) before the first use. The uncontended path is
-//!   one compare-and-swap and a few plain stores each way, about twice
-//!   `std::sync::Mutex`, where glibc's generic robust path costs four to
-//!   five times as much. The calling thread's id (the lock word's owner) is
-//!   cached per thread and forgotten in the child of every `fork` (a
-//!   `pthread_atfork` handler), where the thread has a new id.
+//!   one compare-and-swap and a few plain stores each way: 1.5 to 2 times
+//!   `std::sync::Mutex` (`benches/shared.rs`), where glibc's generic robust
+//!   path costs 3 to 5 times as much. The calling thread's id (the lock
+//!   word's owner) is cached per thread and forgotten in the child of every
+//!   `fork` (a `pthread_atfork` handler), where the thread has a new id.
+//!   What this relies on beyond the kernel ABI: glibc's list protocol and
+//!   its `robust_prev` link just before the head (both part of nptl since
+//!   2.5, and tied to the frozen `pthread_mutex_t` layout); the unit tests
+//!   check after random lock/unlock sequences of both kinds that the list
+//!   holds exactly the held locks, and that a dying child's mixed list is
+//!   walked by the kernel.
 //! - **`Pthread`** (other C libraries, or a glibc whose list head does not
 //!   look as expected): glibc's robust mutexes, `PTHREAD_PROCESS_SHARED` +
 //!   `PTHREAD_MUTEX_ROBUST` (+ `ERRORCHECK` or `RECURSIVE`), with
@@ -37,9 +43,10 @@
 //!   `pthread_mutex_clocklock(CLOCK_MONOTONIC)` (glibc 2.30 and later) or
 //!   `pthread_mutex_timedlock`.
 //!
-//! The choice is made once per process, before the first lock is created,
-//! and recorded in each lock, so a lock and its copies in forked children
-//! always use the same one.
+//! The choice is made once per process, before the first lock is created
+//! (`MULTIPROC_PTHREAD_LOCKS=1` in the environment forces `Pthread`), and
+//! recorded in each lock, so a lock and its copies in forked children always
+//! use the same one.
 //!
 //! Error cases, all reported as `Err`, never a panic or a hang:
 //! - `EDEADLK`: the calling thread already holds a non-recursive lock.
@@ -293,7 +300,9 @@ impl RobustMutex {
                 .compare_exchange(0, me.tid, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
-                l.count.store(1, Ordering::Relaxed);
+                if self.kind == MutexKind::Recursive {
+                    l.count.store(1, Ordering::Relaxed);
+                }
                 me.enqueue(l);
                 me.clear_pending();
                 return Ok(Some(false));
@@ -320,7 +329,9 @@ impl RobustMutex {
                     .compare_exchange(v, new, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
-                    l.count.store(1, Ordering::Relaxed);
+                    if self.kind == MutexKind::Recursive {
+                        l.count.store(1, Ordering::Relaxed);
+                    }
                     me.enqueue(l);
                     break Ok(Some(v & FUTEX_OWNER_DIED != 0));
                 }
@@ -362,12 +373,13 @@ impl RobustMutex {
             // Not ours: a guard copied into a forked child, dropped there.
             return;
         }
-        let c = l.count.load(Ordering::Relaxed);
-        if c > 1 {
-            l.count.store(c - 1, Ordering::Relaxed);
-            return;
+        if self.kind == MutexKind::Recursive {
+            let c = l.count.load(Ordering::Relaxed);
+            if c > 1 {
+                l.count.store(c - 1, Ordering::Relaxed);
+                return;
+            }
         }
-        l.count.store(0, Ordering::Relaxed);
         me.set_pending(l);
         me.dequeue(l);
         let old = word.swap(0, Ordering::Release);
@@ -543,7 +555,7 @@ struct FutexLock {
     /// The holder's thread id, `| FUTEX_WAITERS` when someone sleeps on it,
     /// or `FUTEX_OWNER_DIED` (with no id) after the holder died.
     word: AtomicU32,
-    /// Recursion depth, touched by the holder only.
+    /// Recursion depth of a recursive lock, touched by the holder only.
     count: AtomicU32,
     /// pthread_mutex_t's `__owner`, `__nusers`, `__kind`, `__spins`: unused.
     _reserved: [AtomicU32; 4],
@@ -919,6 +931,52 @@ mod tests {
             let g = l.lock(Some(Duration::from_secs(10))).unwrap().unwrap();
             assert_eq!(g.owner_died(), i % 4 < 2, "lock {i}");
         }
+    }
+
+    /// The `next` links on this thread's robust list, in list order.
+    fn robust_list() -> Vec<usize> {
+        let me = me().unwrap();
+        let mut links = Vec::new();
+        // SAFETY: walks this thread's live list, as the kernel would.
+        unsafe {
+            let mut p = (*me.head).list;
+            while p != me.head.cast::<u8>() {
+                links.push(p as usize & !1);
+                p = *(p as *mut *mut u8);
+                assert!(links.len() < 1000, "the robust list loops");
+            }
+        }
+        links
+    }
+
+    #[test]
+    fn the_robust_list_holds_exactly_the_held_locks() {
+        let locks: Vec<RobustMutex> = (0..6)
+            .map(|i| new(BOTH[i % 2], MutexKind::ErrorCheck, 0))
+            .collect();
+        let link = |i: usize| locks[i].map.as_ptr() as usize + NEXT_OFFSET;
+        let mut held: Vec<Option<RobustGuard<'_>>> = (0..6).map(|_| None).collect();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..3000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let i = (rng % 6) as usize;
+            held[i] = match held[i].take() {
+                Some(g) => {
+                    drop(g);
+                    None
+                }
+                None => Some(locks[i].lock(None).unwrap().unwrap()),
+            };
+            let mut want: Vec<usize> = (0..6).filter(|&j| held[j].is_some()).map(link).collect();
+            let mut got = robust_list();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "step {step}");
+        }
+        held.clear();
+        assert!(robust_list().is_empty());
     }
 
     #[test]
