@@ -44,7 +44,9 @@
 //!   times without sleeping. A sleeper also looks again every 200 ms on its
 //!   own, which covers the one wake-up that can go missing: that of a
 //!   process killed between its commit and its `futex_wake`. (A waker that
-//!   took the lock over from a dead holder wakes everyone.) A process killed
+//!   took the lock over from a dead holder wakes everyone; a getter woken
+//!   for a message that leaves without one, its deadline past while another
+//!   process held the lock, passes the wake-up on.) A process killed
 //!   while asleep leaves its waiter count behind: wakers then make a
 //!   `futex_wake` call that finds no one, a cost in time only.
 //! - **Copies**: a put encodes outside the lock and copies the frame in

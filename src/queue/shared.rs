@@ -349,6 +349,21 @@ impl Shared {
     /// Takes the first frame's payload into `out`; `Ok(false)` if none came
     /// before `wait` ends.
     pub(crate) fn get_frame(&self, out: &mut Vec<u8>, wait: Wait) -> Result<bool> {
+        let mut slept = false;
+        let got = self.get_frame_inner(out, wait, &mut slept);
+        if slept && !matches!(got, Ok(true)) {
+            // A put wakes one getter. If that was us and we leave without
+            // a message (our deadline passed while another process held
+            // the lock), pass the wake-up on: the message is for another.
+            self.ctl.atomic_u32(PUT_SEQ).fetch_add(1, Ordering::Release);
+            if self.ctl.atomic_u32(GETTERS).load(Ordering::Acquire) > 0 {
+                sys::futex_wake(self.ctl.atomic_u32(PUT_SEQ), 1);
+            }
+        }
+        got
+    }
+
+    fn get_frame_inner(&self, out: &mut Vec<u8>, wait: Wait, slept: &mut bool) -> Result<bool> {
         loop {
             if !wait.expired() {
                 self.spin_while_empty();
@@ -373,6 +388,7 @@ impl Shared {
             if wait.expired() {
                 return Ok(false);
             }
+            *slept = true;
             locked.sleep(PUT_SEQ, GETTERS, wait.deadline())?;
         }
     }
