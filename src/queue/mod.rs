@@ -41,7 +41,8 @@
 //!   wake-up), and a waker makes the `futex_wake` call only when the count
 //!   says someone sleeps: an uncontended put or get makes no system call. A
 //!   getter that finds the queue empty first looks again a few hundred
-//!   times without sleeping. A sleeper also looks again every 200 ms on its
+//!   times without sleeping, and a locker tries the lock a few dozen times
+//!   before it sleeps on it (it is held for one copy). A sleeper also looks again every 200 ms on its
 //!   own, which covers the one wake-up that can go missing: that of a
 //!   process killed between its commit and its `futex_wake`. (A waker that
 //!   took the lock over from a dead holder wakes everyone; a getter woken

@@ -28,6 +28,9 @@ const SLICE: Duration = Duration::from_millis(200);
 /// message that is being put (a sleep and a wake-up cost far more).
 const SPINS: u32 = 200;
 
+/// How many times a locker tries the lock before it sleeps on it.
+const LOCK_SPINS: u32 = 64;
+
 // The control block: one page, anonymous and shared. `COMMIT` counts the
 // commits; the live state is in slot `COMMIT & 1`, and a commit writes the
 // other slot whole before it flips `COMMIT`.
@@ -288,9 +291,25 @@ impl Shared {
     }
 
     fn lock_until(&self, wait: Wait) -> Result<Option<Locked<'_>>> {
-        let guard = match wait.deadline() {
-            None => Some(self.lock.lock()?),
-            Some(d) => self
+        // The lock is held for one copy, most often of a few bytes: try it
+        // a few times before sleeping on it (a sleep and its wake-up cost
+        // two system calls and far more than the copy).
+        let mut guard = None;
+        for i in 0..LOCK_SPINS {
+            guard = self.lock.try_lock()?;
+            if guard.is_some() {
+                break;
+            }
+            if i < LOCK_SPINS / 2 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let guard = match (guard, wait.deadline()) {
+            (Some(g), _) => Some(g),
+            (None, None) => Some(self.lock.lock()?),
+            (None, Some(d)) => self
                 .lock
                 .lock_timeout(d.saturating_duration_since(Instant::now()))?,
         };
