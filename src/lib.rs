@@ -80,6 +80,20 @@
 //! # Ok::<(), multiproc::Error>(())
 //! ```
 //!
+//! A [`Queue`] carries serde values between any number of producer and
+//! consumer processes through shared memory; a [`JoinableQueue`] also
+//! counts unfinished tasks. A message is in the queue when `put` returns,
+//! and producers or consumers that are killed lose or tear nothing.
+//!
+//! ```
+//! let q = multiproc::Queue::<String>::new()?;
+//! let tx = q.clone();
+//! let h = multiproc::spawn(move || tx.put(&"from the child".to_string()).is_ok())?;
+//! assert!(h.join()?);
+//! assert_eq!(q.get()?, "from the child");
+//! # Ok::<(), multiproc::Error>(())
+//! ```
+//!
 //! For servers: [`fork_processes`] and [`task_id`] (tornado's pre-fork
 //! model) on a [`Supervisor`] with signal forwarding, rolling restarts and a
 //! back-off; [`Daemon`] to detach into the background with a locked pid
@@ -151,6 +165,7 @@ mod finalize;
 mod pool;
 mod popen;
 mod process;
+mod queue;
 mod shm;
 mod spawn;
 mod stop;
@@ -186,6 +201,9 @@ pub use sync::{
     Array, ArrayGuard, Barrier, Event, Lock, LockGuard, RLock, RLockGuard, Semaphore, Value,
     ValueGuard,
 };
+
+// Re-exports of the queue layer (issue 10).
+pub use queue::{JoinableQueue, Queue};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

@@ -1,6 +1,7 @@
 //! `MAP_SHARED` mappings: anonymous ones (inherited through `fork`), and
 //! mappings of a memfd or a POSIX shared memory object; `memfd_create`,
-//! `shm_open`, `shm_unlink` and `ftruncate`.
+//! `shm_open`, `shm_unlink`, `ftruncate` and `fallocate`; copies out of a
+//! mapping into uninitialized buffer space.
 
 use std::ffi::CString;
 use std::io;
@@ -9,6 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
+use nix::fcntl::{fallocate, FallocateFlags};
 use nix::libc;
 
 /// A `MAP_SHARED`, read-write mapping, unmapped on drop.
@@ -316,6 +318,50 @@ impl SharedProgress {
     }
 }
 
+/// Allocates the first `len` bytes of the file behind `fd` (a memfd),
+/// growing it if shorter. A write into a memfd page that cannot be
+/// allocated raises `SIGBUS`; allocating first turns that into an
+/// `ENOSPC`/`ENOMEM` error here.
+pub(crate) fn allocate(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
+    let len = i64::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+    fallocate(fd, FallocateFlags::empty(), 0, len)?;
+    Ok(())
+}
+
+/// Appends the `len` bytes at `offset` of `map` to `out`, without
+/// zero-filling `out`'s new space first.
+pub(crate) fn read_append(
+    map: &SharedMapping,
+    offset: usize,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= map.len() => {}
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range out of bounds of the shared memory",
+            ))
+        }
+    }
+    out.reserve(len);
+    let at = out.len();
+    // SAFETY: `offset..offset + len` is inside the mapping (checked above),
+    // which stays mapped while `map` is borrowed. `reserve(len)` guarantees
+    // `len` bytes of spare capacity after `at`, so the destination is inside
+    // `out`'s allocation, which cannot overlap the mapping (it is our own
+    // heap memory). After the copy `at..at + len` is initialized with plain
+    // bytes (`u8` has no invalid values, whatever another process wrote
+    // concurrently), so the new length is valid.
+    unsafe {
+        ptr::copy_nonoverlapping(map.as_ptr().add(offset), out.as_mut_ptr().add(at), len);
+        out.set_len(at + len);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,5 +430,19 @@ mod tests {
         assert_eq!(&s, b"hello");
         set_len(fd.as_fd(), 8192).unwrap();
         assert_eq!(file_len(fd.as_fd()).unwrap(), 8192);
+    }
+
+    #[test]
+    fn appends_exactly_the_range_and_checks_bounds() {
+        let m = SharedMapping::anonymous(64).unwrap();
+        m.write_at(10, b"abcdef").unwrap();
+        let mut out = b"xy".to_vec();
+        read_append(&m, 11, 4, &mut out).unwrap();
+        assert_eq!(out, b"xybcde");
+        read_append(&m, 64, 0, &mut out).unwrap();
+        assert_eq!(out.len(), 6);
+        assert!(read_append(&m, 61, 4, &mut out).is_err());
+        assert!(read_append(&m, usize::MAX, 2, &mut out).is_err());
+        assert_eq!(out, b"xybcde");
     }
 }
