@@ -315,7 +315,7 @@ impl Daemon {
             // Held (and locked) for the daemon's life.
             std::mem::forget(fd);
             PID_FILE.set((std::process::id(), path.clone()));
-            crate::finalize::ensure_registered();
+            crate::finalize::at_exit(remove_pid_file);
         }
         Ok(())
     }

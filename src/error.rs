@@ -89,6 +89,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// The fork server cannot create this child: it was not started
+    /// ([`forkserver::start`](crate::forkserver::start) first in `main`),
+    /// it could not start (other threads already ran), it belongs to
+    /// another process, or the target is a closure, which cannot cross to
+    /// it. The message says which.
+    #[error("{reason}")]
+    ForkServer {
+        /// What is wrong, naming the fix.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -111,6 +122,11 @@ impl Error {
     /// (end of file with no partial frame pending).
     pub fn is_disconnected(&self) -> bool {
         matches!(self, Error::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof)
+    }
+
+    /// `true` for [`Error::ForkServer`].
+    pub fn is_fork_server(&self) -> bool {
+        matches!(self, Error::ForkServer { .. })
     }
 
     /// The panic message, for [`Error::Panicked`].

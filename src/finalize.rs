@@ -1,6 +1,6 @@
 //! The at-exit finalizer, [`shutdown`] and [`exit`].
 
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use crate::popen::{self, Popen};
@@ -18,17 +18,41 @@ static REGISTERED: Once = Once::new();
 /// then finalizes that child's own children.
 pub(crate) fn ensure_registered() {
     REGISTERED.call_once(|| {
-        if let Err(e) = sys::register_atexit(at_exit) {
+        if let Err(e) = sys::register_atexit(run_at_exit) {
             log::warn!("multiproc: cannot register the at-exit finalizer: {e}");
         }
     });
 }
 
-extern "C" fn at_exit() {
+/// Actions the finalizer runs at exit after [`shutdown`], in registration
+/// order: layers above register here (the daemon removes its pid file), so
+/// the finalizer depends on none of them.
+static AT_EXIT_ACTIONS: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
+
+/// Registers `action` to run at exit, after the children are finalized
+/// (and registers the finalizer itself).
+pub(crate) fn at_exit(action: fn()) {
+    AT_EXIT_ACTIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(action);
+    ensure_registered();
+}
+
+extern "C" fn run_at_exit() {
     // A panic must not cross the C boundary of atexit.
     let _ = std::panic::catch_unwind(|| {
         shutdown();
-        crate::daemon::remove_pid_file();
+        // `try_lock`: a thread that holds it at exit (it only pushes) must
+        // not hang the exit.
+        let actions = match AT_EXIT_ACTIONS.try_lock() {
+            Ok(a) => a.clone(),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().clone(),
+            Err(std::sync::TryLockError::WouldBlock) => Vec::new(),
+        };
+        for action in actions {
+            action();
+        }
     });
 }
 

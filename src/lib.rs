@@ -128,6 +128,7 @@ mod daemon;
 mod error;
 pub mod exitcode;
 mod finalize;
+pub mod forkserver;
 mod pool;
 mod popen;
 mod process;
@@ -141,6 +142,7 @@ pub use codec::DEFAULT_MAX_FRAME_LEN;
 pub use connection::{pipe, wait, Connection};
 pub use error::{CodecError, CodecErrorKind, Error, Result};
 pub use finalize::{exit, shutdown, DAEMON_GRACE};
+pub use forkserver::{set_start_method, StartMethod};
 pub use popen::Popen;
 pub use process::{
     active_children, cpu_count, current_process, parent_process, register_after_fork, Process,

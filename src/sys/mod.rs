@@ -13,6 +13,7 @@
 mod daemon;
 mod fd;
 mod fork;
+mod forkserver;
 mod mem;
 mod pool;
 mod proc;
@@ -24,6 +25,7 @@ mod wait;
 pub(crate) use daemon::*;
 pub(crate) use fd::*;
 pub(crate) use fork::*;
+pub(crate) use forkserver::*;
 pub(crate) use mem::*;
 #[allow(unused_imports)]
 pub(crate) use pool::*;
