@@ -3,9 +3,9 @@
 use std::sync::{Mutex, Once};
 use std::time::Duration;
 
-use crate::popen::{self, Popen};
-use crate::process;
-use crate::sys::{self, Sig};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::sys;
 
 /// How long a daemonic child gets between `SIGTERM` and `SIGKILL` at exit.
 pub const DAEMON_GRACE: Duration = Duration::from_secs(2);
@@ -77,19 +77,21 @@ extern "C" fn run_at_exit() {
 /// # Ok::<(), multiproc::Error>(())
 /// ```
 pub fn shutdown() {
-    process::reap_finished();
-    let children = process::children();
-    // One grace for all the daemonic children, not one each.
-    let daemonic: Vec<&Popen> = children
-        .iter()
-        .filter(|c| c.info.daemon())
-        .map(|c| &c.popen)
-        .collect();
-    popen::stop_all(&daemonic, Sig::SIGTERM, DAEMON_GRACE);
-    for c in children.iter().filter(|c| !c.info.daemon()) {
-        let _ = c.popen.wait(None);
+    let f = FINALIZE_CHILDREN.load(Ordering::Acquire);
+    if f != 0 {
+        sys::hook_from_addr(f)();
     }
-    process::reap_finished();
+}
+
+/// What [`shutdown`] runs: the process layer's finalizer of its children
+/// (set on the first fork), as an address: lock-free, so a child can read
+/// it whatever a parent thread held at the fork. Keeps this layer free of
+/// the process layer.
+static FINALIZE_CHILDREN: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets what [`shutdown`] runs (once per program; a child inherits it).
+pub(crate) fn set_children_finalizer(f: fn()) {
+    FINALIZE_CHILDREN.store(sys::hook_addr(f), Ordering::Release);
 }
 
 /// Ends the current process with `code`, as `sys.exit` does in a Python

@@ -38,6 +38,7 @@ pub(super) fn fork_registered(spec: ChildSpec, target: Target) -> Result<Arc<Chi
 /// check (`warn` when the fork happens here), /dev/null for the child's
 /// stdin, and reaping the children that finished.
 pub(crate) fn prepare_parent_for(fork_here: bool) -> Result<()> {
+    crate::finalize::set_children_finalizer(super::registry::finalize_children);
     crate::finalize::ensure_registered();
     unwind::install_hook();
     if fork_here {

@@ -63,6 +63,7 @@ pub(crate) struct ChildInit {
 impl ChildInit {
     /// In the parent, before the fork.
     pub(crate) fn prepare(death_signal: Option<Sig>) -> ChildInit {
+        unwind::set_describer(describe_for_panics);
         ChildInit {
             death_signal: death_signal.map(|s| s as i32),
             parent_pid: sys::getpid().as_raw() as u32,
@@ -171,4 +172,10 @@ pub(crate) fn bootstrap(
     };
     crate::finalize::shutdown();
     code
+}
+
+/// How the panic line of a child names it: `(name, pid)`.
+fn describe_for_panics() -> (String, u32) {
+    let me = super::current_process();
+    (me.name().to_string(), me.pid())
 }

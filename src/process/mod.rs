@@ -31,7 +31,7 @@ pub use identity::{cpu_count, current_process, parent_process, ProcessInfo};
 pub use init::register_after_fork;
 pub(crate) use init::{bootstrap, ChildInit, Target};
 pub use registry::active_children;
-pub(crate) use registry::{children, forget_child, reap_finished, registry, Child};
+pub(crate) use registry::{forget_child, registry, Child};
 pub(crate) use spec::ChildSpec;
 
 use std::any::Any;

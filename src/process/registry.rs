@@ -112,3 +112,23 @@ fn reaper_loop(wake: std::os::fd::OwnedFd) {
         reap_finished();
     }
 }
+
+/// The finalizer of our children (what [`shutdown`](crate::shutdown)
+/// runs): `SIGTERM` to every live daemonic child (then `SIGKILL` to those
+/// still alive after [`DAEMON_GRACE`](crate::DAEMON_GRACE), one grace for
+/// them all), then a wait for every other child.
+pub(crate) fn finalize_children() {
+    reap_finished();
+    let children = children();
+    // One grace for all the daemonic children, not one each.
+    let daemonic: Vec<&Popen> = children
+        .iter()
+        .filter(|c| c.info.daemon())
+        .map(|c| &c.popen)
+        .collect();
+    crate::popen::stop_all(&daemonic, sys::Sig::SIGTERM, crate::finalize::DAEMON_GRACE);
+    for c in children.iter().filter(|c| !c.info.daemon()) {
+        let _ = c.popen.wait(None);
+    }
+    reap_finished();
+}

@@ -146,6 +146,14 @@ pub(crate) fn hook_from_addr(addr: usize) -> fn() {
     unsafe { mem::transmute::<usize, fn()>(addr) }
 }
 
+/// The panic hook's describer (`unwind::set_describer`), from its address;
+/// the contract of [`hook_from_addr`] (here: the same process, or a fork).
+pub(crate) fn describer_from_addr(addr: usize) -> fn() -> (String, u32) {
+    const { assert!(mem::size_of::<fn() -> (String, u32)>() == mem::size_of::<usize>()) };
+    // SAFETY: as in `hook_from_addr`, for a `fn() -> (String, u32)`.
+    unsafe { mem::transmute::<usize, fn() -> (String, u32)>(addr) }
+}
+
 /// The signature of a fork-server task's trampoline: `(the user's function
 /// address, the encoded argument) -> exit code`.
 pub(crate) type TaskTrampoline = fn(usize, &[u8]) -> i32;
