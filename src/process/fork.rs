@@ -33,6 +33,32 @@ pub(super) fn fork_registered(spec: ChildSpec, target: Target) -> Result<Arc<Chi
     Ok(adopt(popen, info, registered))
 }
 
+/// The fork path of children that *become the program* (a supervisor
+/// child, a daemon), as [`fork_registered`] is the one of tasks: the
+/// registry is held across the fork (no other thread can hold it at that
+/// instant); in the child it is cleared (the parent's `Process` children are
+/// not the child's) and the child becomes `MainProcess`. `Ok(None)` in the
+/// child, which returns into the caller and goes on as the program; the
+/// child's [`Popen`] in the parent. The caller runs its [`ChildInit`]
+/// (`super::ChildInit`) in the child when it is ready to.
+pub(crate) fn fork_program() -> Result<Option<Popen>> {
+    unwind::install_hook();
+    let guard = registry();
+    match Popen::fork_program() {
+        Ok(None) => {
+            let mut guard = guard;
+            guard.clear();
+            drop(guard);
+            super::become_main_process();
+            Ok(None)
+        }
+        other => {
+            drop(guard);
+            other
+        }
+    }
+}
+
 /// What the parent does before any task child is created, forked here or
 /// by the fork server: the at-exit finalizer, the panic hook, the thread
 /// check (`warn` when the fork happens here), /dev/null for the child's

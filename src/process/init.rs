@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use super::identity::{become_main_process, Identity, ProcessInfo, COUNTER, IDENTITY};
+use super::identity::{Identity, ProcessInfo, COUNTER, IDENTITY};
 use super::registry::Child;
 use super::spec::ChildSpec;
 use crate::sys::{self, Sig};
@@ -115,17 +115,9 @@ impl ChildInit {
         }
     }
 
-    /// In a child that becomes the program (a supervisor child, a daemon):
-    /// forget the parent's children (`registry` is the guard held across
-    /// the fork, if any), become `MainProcess`, the death signal, the hooks.
-    pub(crate) fn become_program(
-        self,
-        registry: Option<MutexGuard<'static, Vec<Arc<Child>>>>,
-    ) -> std::result::Result<(), i32> {
-        if let Some(mut r) = registry {
-            r.clear();
-        }
-        become_main_process();
+    /// In a child that becomes the program (a supervisor child), after
+    /// [`fork_program`](super::fork_program): the death signal, the hooks.
+    pub(crate) fn become_program(self) -> std::result::Result<(), i32> {
         self.die_with_parent()?;
         self.run_hooks();
         Ok(())

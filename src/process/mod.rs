@@ -24,14 +24,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub(crate) use fork::{adopt, prepare_parent_for, warn_if_threaded};
+pub(crate) use fork::{adopt, fork_program, prepare_parent_for, warn_if_threaded};
 pub(crate) use fork_thread::{on_fork_thread, per_process, StartState};
 pub(crate) use identity::become_main_process;
 pub use identity::{cpu_count, current_process, parent_process, ProcessInfo};
 pub use init::register_after_fork;
 pub(crate) use init::{bootstrap, ChildInit, Target};
 pub use registry::active_children;
-pub(crate) use registry::{forget_child, registry, Child};
+pub(crate) use registry::{forget_child, Child};
 pub(crate) use spec::ChildSpec;
 
 use std::any::Any;
