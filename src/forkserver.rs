@@ -60,7 +60,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,6 +130,9 @@ struct Server {
     owner: u32,
     /// Requests and replies, one at a time.
     ctl: Mutex<OwnedFd>,
+    /// Set when a reply did not come in time: a late one would be taken
+    /// for the answer to the next request, so no more requests go out.
+    broken: AtomicBool,
     /// The server itself, a direct child of the owner.
     popen: Popen,
 }
@@ -211,6 +214,7 @@ pub fn start() -> Result<()> {
     SERVER.set(Server {
         owner: me,
         ctl: Mutex::new(ours),
+        broken: AtomicBool::new(false),
         popen,
     });
     Ok(())
@@ -314,8 +318,14 @@ pub(crate) fn fork_child(
     let mut buf = [0u8; 512];
     let (n, mut got) = {
         let ctl = server.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        if server.broken.load(Ordering::Relaxed) {
+            return Err(Error::ForkServer {
+                reason: "the fork server stopped answering".to_string(),
+            });
+        }
         sys::send_with_fds(ctl.as_fd(), &req, &fds).map_err(gone)?;
         if sys::poll_readable(&[ctl.as_fd()], Some(REPLY_DEADLINE))?.is_empty() {
+            server.broken.store(true, Ordering::Relaxed);
             return Err(Error::ForkServer {
                 reason: "the fork server did not answer".to_string(),
             });
@@ -657,8 +667,16 @@ mod tests {
 
     #[test]
     fn start_refuses_a_threaded_program() {
-        // The test harness runs this on one of its threads.
+        // Another thread of our own makes the process multi-threaded
+        // whatever the harness does.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _ = rx.recv();
+        });
         let e = start().unwrap_err();
+        drop(tx);
+        t.join().unwrap();
+        assert!(e.is_fork_server(), "{e:?}");
         assert!(e.to_string().contains("one thread"), "{e}");
         assert!(e.to_string().contains("forkserver::start()"), "{e}");
     }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::sys;
 
 /// The name, pid and daemon flag of a process: what [`current_process`],
-/// [`parent_process`] and [`active_children`] report.
+/// [`parent_process`] and [`active_children`](crate::active_children) report.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessInfo {
     pub(super) name: String,
@@ -16,7 +16,7 @@ pub struct ProcessInfo {
 impl ProcessInfo {
     /// The process's name: `"MainProcess"` for the process that was not
     /// forked by this crate, `"Process-N"` (nested `"Process-1:2"`) or the
-    /// name given with [`Process::with_name`].
+    /// name given with [`Process::with_name`](crate::Process::with_name).
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -38,7 +38,7 @@ pub(crate) fn children() -> Vec<Arc<Child>> {
     registry().clone()
 }
 
-/// The live children of the current process (started with [`Process`] or
+/// The live children of the current process (started with [`Process`](crate::Process) or
 /// [`spawn`](crate::spawn) and not yet finished). Reaps the finished ones on
 /// the way, so a program that drops its handles leaves no zombie behind.
 ///
