@@ -28,6 +28,7 @@ fn main() {
         Ok("finalizer") => return finalizer(),
         Ok("hammer") => return hammer(),
         Ok("server_dies") => return server_dies(),
+        Ok("panic_line") => return panic_line(),
         _ => {}
     }
     // Before start(): ForkServer is an error that names forkserver::start().
@@ -63,6 +64,9 @@ fn main() {
             set_start_method_is_the_default,
         ),
         ("starts_from_many_threads", starts_from_many_threads),
+        ("dropped_handles_are_reaped", dropped_handles_are_reaped),
+        ("no_fd_leaks", no_fd_leaks),
+        ("a_panic_names_the_child", panic_line_from_outside),
         (
             "pool_survives_a_crashing_item",
             pool_survives_a_crashing_item,
@@ -324,6 +328,48 @@ fn starts_from_many_threads() {
     for t in threads {
         t.join().unwrap();
     }
+}
+
+fn dropped_handles_are_reaped() {
+    let mut pids = Vec::new();
+    for _ in 0..5 {
+        let mut p = Process::from_fn(sleep_ms, 50).with_start_method(FS);
+        p.start().unwrap();
+        pids.push(p.pid().unwrap());
+        // Dropped while running: the reaper thread takes the status.
+    }
+    let server = forkserver::server_pid().unwrap();
+    assert!(
+        common::eventually(DEADLINE, || {
+            let listed = multiproc::active_children();
+            pids.iter().all(|p| listed.iter().all(|c| c.pid() != *p))
+                && common::zombies_of(server).is_empty()
+        }),
+        "finished children are still listed, or zombies under the server"
+    );
+}
+
+fn no_fd_leaks() {
+    let before = common::fd_count();
+    for code in 0..50 {
+        let mut p = Process::from_fn(exit_with, code).with_start_method(FS);
+        p.start().unwrap();
+        assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(code));
+    }
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(FS)
+        .build()
+        .unwrap();
+    assert_eq!(pool.map(|x: u8| x, 0..10u8).unwrap().len(), 10);
+    drop(pool);
+    assert_eq!(common::fd_count(), before);
+    let server = forkserver::server_pid().unwrap();
+    assert!(common::eventually(DEADLINE, || common::live_children_of(
+        server
+    )
+    .is_empty()));
+    assert!(common::zombies_of(server).is_empty());
 }
 
 fn crash_on_3(x: u32) -> u32 {
@@ -645,4 +691,34 @@ fn server_dies_from_outside() {
     let run = common::run_self("server_dies", &[("MP_FS_ROLE", "server_dies")], DEADLINE);
     assert!(run.status.success(), "{run:?}");
     assert!(run.stdout.contains("server_dies ok"), "{run:?}");
+}
+
+// ---- the panic line of a server child ----
+
+fn panic_line() {
+    forkserver::start().unwrap();
+    let mut p = Process::from_fn(panic_now, ())
+        .with_name("panicker")
+        .with_start_method(FS);
+    p.start().unwrap();
+    let p = common::Reaped(p);
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(1));
+    println!("pid {}", p.pid().unwrap());
+}
+
+fn panic_line_from_outside() {
+    let run = common::run_self("panic_line", &[("MP_FS_ROLE", "panic_line")], DEADLINE);
+    assert!(run.status.success(), "{run:?}");
+    let pid = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .expect("the program names its child");
+    let want = format!("process 'panicker' (pid {pid}) panicked at ");
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with(&want))
+        .unwrap_or_else(|| panic!("no panic line naming the child: {run:?}"));
+    assert!(line.ends_with(": boom in a server child"), "{line}");
 }

@@ -66,6 +66,7 @@ pub(crate) fn fork_program() -> Result<Option<Popen>> {
 pub(crate) fn prepare_parent_for(fork_here: bool) -> Result<()> {
     crate::finalize::set_children_finalizer(super::registry::finalize_children);
     crate::finalize::ensure_registered();
+    unwind::set_describer(super::init::describe_for_panics);
     unwind::install_hook();
     if fork_here {
         warn_if_threaded();

@@ -167,7 +167,7 @@ pub(crate) fn bootstrap(
 }
 
 /// How the panic line of a child names it: `(name, pid)`.
-fn describe_for_panics() -> (String, u32) {
+pub(super) fn describe_for_panics() -> (String, u32) {
     let me = super::current_process();
     (me.name().to_string(), me.pid())
 }
