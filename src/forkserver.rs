@@ -55,6 +55,13 @@
 //! daemonic children and pool workers die with the server in turn, so they
 //! die with the caller; other children run on, as with `Fork`.
 //!
+//! The server knows no layer above it: a request names a *runner* (a plain
+//! `fn` of the layer that asks, by address: the server is a fork of the
+//! same image) and carries that layer's bytes and fds. The process layer's
+//! runner builds the child from its child spec and runs the one bootstrap
+//! every task child runs; the pool's makes a worker. So `process` and
+//! `pool` use this module, and it uses neither.
+//!
 //! [`Process::from_fn`]: crate::Process::from_fn
 //! [`active_children`]: crate::active_children
 
@@ -64,15 +71,12 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, DEFAULT_MAX_FRAME_LEN};
 use crate::error::{Error, Result};
-use crate::pool::worker::{self, WorkerSpec};
 use crate::popen::Popen;
-use crate::process::{self, ChildSpec, Process, Target};
-use crate::sys::{self, SharedProgress, Sig};
+use crate::sys::{self, ServerRunner, SharedProgress, Sig};
 
 /// How a child is created (Python's `multiprocessing.set_start_method`).
 ///
@@ -201,7 +205,7 @@ pub fn start() -> Result<()> {
         });
     }
     crate::unwind::install_hook();
-    process::prepare_parent_for(false)?;
+    sys::prepare_dev_null()?;
     if ARENA.get().is_none() {
         let arena = (0..ARENA_POOLS)
             .map(|_| SharedProgress::new(ARENA_SLOTS).map(Arc::new))
@@ -259,24 +263,13 @@ pub(crate) fn check(method: StartMethod) -> Result<()> {
     }
 }
 
-/// What the server runs in the child, beside its [`ChildSpec`].
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Job {
-    /// `tramp(f, argument)`: a [`Process::from_fn`] task; the argument
-    /// follows on the child's channel.
-    Task { f: usize, tramp: usize },
-    /// A pool worker; its socket is the request's second fd.
-    PoolWorker {
-        slot: usize,
-        arena: usize,
-        initializer: Option<usize>,
-    },
-}
-
+/// A request: which runner the child runs (an address in the one image),
+/// and the bytes it gets. The fds ride along: the child's channel first,
+/// then the extra ones.
 #[derive(Debug, Serialize, Deserialize)]
 struct Request {
-    spec: ChildSpec,
-    job: Job,
+    runner: usize,
+    payload: Vec<u8>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -287,19 +280,30 @@ enum Reply {
     Failed(String),
 }
 
-/// Asks the server for a child: `spec` and `job`, with `extra` (a pool
-/// worker's socket) passed along and `arg` (an encoded task argument)
-/// written to the child once it runs. The [`Popen`] waits through the
-/// server.
+/// Asks the server for a child that runs `runner(payload, fds, server
+/// pid)` (`fds`: the child's end of its channel, then `extra`), and writes
+/// `arg` (a task's encoded argument), if any, on the channel for the child
+/// to read with [`read_arg`]. The [`Popen`] waits through the server.
 pub(crate) fn fork_child(
-    spec: ChildSpec,
-    job: Job,
-    extra: Option<OwnedFd>,
+    runner: ServerRunner,
+    payload: Vec<u8>,
+    extra: Vec<OwnedFd>,
     arg: Option<Vec<u8>>,
 ) -> Result<Popen> {
     let server = server()?;
+    if extra.len() + 1 > sys::MAX_FDS {
+        return Err(Error::ForkServer {
+            reason: format!("a fork server request carries at most {} fds", sys::MAX_FDS),
+        });
+    }
     let mut req = Vec::new();
-    codec::encode_value(&Request { spec, job }, &mut req)?;
+    codec::encode_value(
+        &Request {
+            runner: sys::runner_addr(runner),
+            payload,
+        },
+        &mut req,
+    )?;
     if req.len() > REQUEST_MAX {
         return Err(Error::ForkServer {
             reason: format!(
@@ -312,9 +316,7 @@ pub(crate) fn fork_child(
     // code comes back from the server on it.
     let (ours, theirs) = sys::socket_pair(0)?;
     let mut fds: Vec<BorrowedFd<'_>> = vec![theirs.as_fd()];
-    if let Some(e) = &extra {
-        fds.push(e.as_fd());
-    }
+    fds.extend(extra.iter().map(|e| e.as_fd()));
     let mut buf = [0u8; 512];
     let (n, mut got) = {
         let ctl = server.ctl.lock().unwrap_or_else(|e| e.into_inner());
@@ -364,11 +366,9 @@ fn gone(e: io::Error) -> Error {
     }
 }
 
-/// The progress counters of a pool of `n` workers started with `method`.
-pub(crate) fn progress_for(method: StartMethod, n: usize) -> Result<Arc<SharedProgress>> {
-    if method == StartMethod::Fork {
-        return Ok(Arc::new(SharedProgress::new(n)?));
-    }
+/// A free mapping of the arena for a pool of `n` workers whose workers the
+/// server forks.
+pub(crate) fn progress_for_server(n: usize) -> Result<Arc<SharedProgress>> {
     server()?;
     if n > ARENA_SLOTS {
         return Err(Error::ForkServer {
@@ -389,64 +389,16 @@ pub(crate) fn progress_for(method: StartMethod, n: usize) -> Result<Arc<SharedPr
         })
 }
 
-/// Starts a pool worker running [`worker::run`] on `spec`, forked by the
-/// caller or by the server.
-pub(crate) fn start_pool_worker(
-    method: StartMethod,
-    spec: WorkerSpec,
-    name: String,
-) -> Result<Process> {
-    let mut process = Process::new(|| {})
-        .with_name(name)
-        .with_daemon(true)
-        // The pool reaps its own workers: they are never listed by
-        // `active_children` nor signalled by the at-exit finalizer.
-        .unregistered();
-    match method {
-        StartMethod::Fork => {
-            process = process.with_target(Box::new(move || {
-                let code = worker::run(spec);
-                if code != 0 {
-                    crate::exit(code);
-                }
-            }));
-            process.start()?;
-        }
-        StartMethod::ForkServer => {
-            let arena = ARENA
-                .get()
-                .and_then(|a| a.iter().position(|p| Arc::ptr_eq(p, &spec.progress)))
-                .ok_or_else(|| Error::ForkServer {
-                    reason: "a pool worker's counters are not in the fork server's arena"
-                        .to_string(),
-                })?;
-            let job = Job::PoolWorker {
-                slot: spec.slot,
-                arena,
-                initializer: spec.initializer.map(sys::hook_addr),
-            };
-            process.start_in_server(job, Some(spec.sock), None)?;
-        }
-    }
-    Ok(process)
+/// Where `progress` sits in the arena (what a child of the server maps).
+pub(crate) fn arena_index(progress: &Arc<SharedProgress>) -> Option<usize> {
+    ARENA
+        .get()
+        .and_then(|a| a.iter().position(|p| Arc::ptr_eq(p, progress)))
 }
 
-/// The trampoline of [`Process::from_fn`] in a child of the server:
-/// decodes the argument and runs `f`. A garbage argument is
-/// `exitcode::SETUP_FAILED` after one line on stderr.
-pub(crate) fn task_trampoline<A: DeserializeOwned>(f: usize, arg: &[u8]) -> i32 {
-    match codec::decode::<A>(arg) {
-        Ok(a) => {
-            sys::task_fn_from_addr::<A>(f)(a);
-            0
-        }
-        Err(e) => {
-            sys::write_stderr_raw(
-                format!("multiproc: cannot decode the argument: {e}\n").as_bytes(),
-            );
-            crate::exitcode::SETUP_FAILED
-        }
-    }
+/// The arena's mapping `i`, in a child of the server.
+pub(crate) fn arena(i: usize) -> Option<Arc<SharedProgress>> {
+    ARENA.get().and_then(|a| a.get(i)).cloned()
 }
 
 /// A child of the server, as the server holds it.
@@ -548,19 +500,14 @@ fn handle_request(
             return Ok(None);
         }
     };
-    let wanted = match req.job {
-        Job::Task { .. } => 1,
-        Job::PoolWorker { .. } => 2,
-    };
-    if fds.len() != wanted {
+    if fds.is_empty() {
         reply(
-            &Reply::Failed(format!("fork server request with {} fds", fds.len())),
+            &Reply::Failed("fork server request without a channel".to_string()),
             None,
         );
         return Ok(None);
     }
-    let extra = if wanted == 2 { fds.pop() } else { None };
-    let status = fds.pop().expect("counted above");
+    let status = fds.remove(0);
     let child_status = match status.try_clone() {
         Ok(s) => s,
         Err(e) => {
@@ -574,49 +521,17 @@ fn handle_request(
         close.push(sys::raw_of(k.popen.sentinel()));
         close.push(sys::raw(&k.status));
     }
-    let mut spec = req.spec;
-    spec.init.forked_by(me);
-    let job = req.job;
+    let runner = sys::runner_from_addr(req.runner);
+    let payload = req.payload;
     let forked = Popen::fork_raw(move || {
         for fd in close {
             sys::close_raw(fd);
         }
+        // The server ignores it; the child's code gets the default back.
         let _ = sys::default_signal(Sig::SIGINT);
-        let target: Target = match job {
-            Job::Task { f, tramp } => Box::new(move || {
-                let Ok(arg) = read_arg(child_status.as_fd()) else {
-                    crate::exit(crate::exitcode::SETUP_FAILED);
-                };
-                drop(child_status);
-                let code = sys::trampoline_from_addr(tramp)(f, &arg);
-                if code != 0 {
-                    crate::exit(code);
-                }
-            }),
-            Job::PoolWorker {
-                slot,
-                arena,
-                initializer,
-            } => Box::new(move || {
-                drop(child_status);
-                let (Some(sock), Some(progress)) =
-                    (extra, ARENA.get().and_then(|a| a.get(arena)).cloned())
-                else {
-                    crate::exit(crate::exitcode::SETUP_FAILED);
-                };
-                let code = worker::run(WorkerSpec {
-                    sock,
-                    close: Vec::new(),
-                    progress,
-                    slot,
-                    initializer: initializer.map(sys::hook_from_addr),
-                });
-                if code != 0 {
-                    crate::exit(code);
-                }
-            }),
-        };
-        process::bootstrap(None, spec, target)
+        let mut child_fds = vec![child_status];
+        child_fds.extend(fds);
+        runner(&payload, child_fds, me)
     });
     match forked {
         Ok(popen) => {
@@ -630,8 +545,9 @@ fn handle_request(
     }
 }
 
-/// Reads the task argument: a little-endian `u64` length, then the bytes.
-fn read_arg(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+/// In a child of the server: reads the argument [`fork_child`] wrote on
+/// the child's channel (a little-endian `u64` length, then the bytes).
+pub(crate) fn read_arg(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 8];
     read_exact(fd, &mut len)?;
     let len = u64::from_le_bytes(len);

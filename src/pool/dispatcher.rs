@@ -203,7 +203,7 @@ impl Dispatcher {
             rx,
             wake: Arc::clone(&wake),
             wake_r,
-            progress: crate::forkserver::progress_for(cfg.start_method, n)?,
+            progress: super::start::progress_for(cfg.start_method, n)?,
             workers: (0..n).map(|_| None).collect(),
             cfg,
             pending: VecDeque::new(),
@@ -252,7 +252,7 @@ impl Dispatcher {
         };
         let name = format!("PoolWorker-{}", self.next_name);
         self.next_name += 1;
-        let process = crate::forkserver::start_pool_worker(self.cfg.start_method, spec, name)?;
+        let process = super::start::start_worker(self.cfg.start_method, spec, name)?;
         let pid = process.pid().expect("a started process has a pid");
         let now = Instant::now();
         self.workers[slot] = Some(Worker {

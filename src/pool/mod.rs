@@ -89,8 +89,9 @@ mod dispatcher;
 mod iter;
 mod mailbox;
 mod result;
+mod start;
 mod wire;
-pub(crate) mod worker;
+mod worker;
 
 use std::fmt;
 use std::io;

@@ -5,17 +5,19 @@
 //! - `spec`: the child spec, plain data (what the fork server receives);
 //! - `init`: the one init every child runs after the fork, the bootstrap;
 //! - `fork`: the fork path of tasks, and the multi-threaded-parent check;
-//! - `fork_thread`: per-process crate threads and the fork thread.
+//! - `fork_thread`: per-process crate threads and the fork thread;
+//! - `server`: children of the fork server (the request, the runner).
 //!
 //! Children that become the program (supervisor children, daemons) take
-//! `Popen::fork_program` and [`ChildInit::become_program`]; children of the
-//! fork server take `forkserver`'s request path, then [`init::bootstrap`].
+//! `fork_program` and [`ChildInit::become_program`]; children of the fork
+//! server take `server`'s request, then the same `init::bootstrap`.
 
 mod fork;
 mod fork_thread;
 mod identity;
 mod init;
 mod registry;
+mod server;
 mod spec;
 
 use std::fmt;
@@ -29,9 +31,10 @@ pub(crate) use fork_thread::{on_fork_thread, per_process, StartState};
 pub(crate) use identity::become_main_process;
 pub use identity::{cpu_count, current_process, parent_process, ProcessInfo};
 pub use init::register_after_fork;
-pub(crate) use init::{bootstrap, ChildInit, Target};
+pub(crate) use init::{ChildInit, Target};
 pub use registry::active_children;
 pub(crate) use registry::{forget_child, Child};
+pub(crate) use server::task_job_main;
 pub(crate) use spec::ChildSpec;
 
 use std::any::Any;
@@ -135,7 +138,7 @@ impl Process {
         let mut p = Process::new(|| {});
         p.what = Some(What::Fn(FnTask {
             f: sys::task_fn_addr(f),
-            tramp: sys::trampoline_addr(forkserver::task_trampoline::<A>),
+            tramp: sys::trampoline_addr(server::task_trampoline::<A>),
             arg: Box::new(arg),
             encode: encode_arg::<A>,
             run: run_arg::<A>,
@@ -228,11 +231,15 @@ impl Process {
             (What::Fn(task), StartMethod::ForkServer) => {
                 forkserver::check(StartMethod::ForkServer)?;
                 let arg = (task.encode)(&*task.arg)?;
-                let job = forkserver::Job::Task {
-                    f: task.f,
-                    tramp: task.tramp,
-                };
-                return self.start_in_server(job, None, Some(arg));
+                let mut job = Vec::new();
+                crate::codec::encode_value(
+                    &server::TaskJob {
+                        f: task.f,
+                        tramp: task.tramp,
+                    },
+                    &mut job,
+                )?;
+                return self.start_in_server(task_job_main, job, Vec::new(), Some(arg));
             }
         };
         let spec = self.spec();
@@ -248,12 +255,14 @@ impl Process {
         Ok(())
     }
 
-    /// Asks the fork server for the child (`job`, `extra` and `arg` as in
-    /// `forkserver::fork_child`) and adopts it as ours.
+    /// Asks the fork server for the child, whose target `job_main` makes
+    /// from `job` and the fds (its channel, then `extra`) in the child, with
+    /// `arg` to read from the channel; adopts it as ours.
     pub(crate) fn start_in_server(
         &mut self,
-        job: forkserver::Job,
-        extra: Option<std::os::fd::OwnedFd>,
+        job_main: sys::JobMain,
+        job: Vec<u8>,
+        extra: Vec<std::os::fd::OwnedFd>,
         arg: Option<Vec<u8>>,
     ) -> Result<()> {
         self.what = None;
@@ -264,7 +273,7 @@ impl Process {
             pid: 0,
             daemon: self.daemon,
         };
-        let popen = forkserver::fork_child(spec, job, extra, arg)?;
+        let popen = server::fork_via_server(spec, job_main, job, extra, arg)?;
         self.child = Some(adopt(popen, info, self.registered));
         Ok(())
     }

@@ -170,6 +170,40 @@ pub(crate) fn trampoline_from_addr(addr: usize) -> TaskTrampoline {
     unsafe { mem::transmute::<usize, TaskTrampoline>(addr) }
 }
 
+/// What a child of the fork server runs right after the fork: `(the
+/// request's payload, its fds, the server's pid) -> exit code`. The layer
+/// that asks for the child names it by address (the server is a fork of
+/// the same image), so the server knows no layer above it.
+pub(crate) type ServerRunner = fn(&[u8], Vec<OwnedFd>, u32) -> i32;
+
+/// The address of a [`ServerRunner`].
+pub(crate) fn runner_addr(f: ServerRunner) -> usize {
+    f as usize
+}
+
+/// The runner whose address is `addr`; the contract of [`hook_from_addr`].
+pub(crate) fn runner_from_addr(addr: usize) -> ServerRunner {
+    const { assert!(mem::size_of::<ServerRunner>() == mem::size_of::<usize>()) };
+    // SAFETY: as in `hook_from_addr`, for a `ServerRunner`.
+    unsafe { mem::transmute::<usize, ServerRunner>(addr) }
+}
+
+/// Makes the target of a child of the fork server from its job's bytes and
+/// fds (a task, a pool worker): `(job, fds) -> target`.
+pub(crate) type JobMain = fn(&[u8], Vec<OwnedFd>) -> Box<dyn FnOnce() + Send + 'static>;
+
+/// The address of a [`JobMain`].
+pub(crate) fn job_main_addr(f: JobMain) -> usize {
+    f as usize
+}
+
+/// The job main whose address is `addr`; the contract of [`hook_from_addr`].
+pub(crate) fn job_main_from_addr(addr: usize) -> JobMain {
+    const { assert!(mem::size_of::<JobMain>() == mem::size_of::<usize>()) };
+    // SAFETY: as in `hook_from_addr`, for a `JobMain`.
+    unsafe { mem::transmute::<usize, JobMain>(addr) }
+}
+
 /// The user's `fn(A)` of a task, from its address; the contract of
 /// [`hook_from_addr`], for `fn(A)`.
 pub(crate) fn task_fn_from_addr<A>(addr: usize) -> fn(A) {
