@@ -146,8 +146,9 @@ static SERVER: sys::LeakedCell<Server> = sys::LeakedCell::new();
 /// Pools whose workers the server forks share progress counters with them
 /// through one of these mappings, made by [`start`] *before* the server is
 /// forked, so the server and its children map them too.
-static ARENA: sys::LeakedCell<Vec<Arc<SharedProgress>>> = sys::LeakedCell::new();
-static ARENA_LOCK: Mutex<()> = Mutex::new(());
+/// With the pid of the process whose [`start`] made it: a child that
+/// starts a server of its own makes its own arena.
+static ARENA: sys::LeakedCell<(u32, Vec<Arc<SharedProgress>>)> = sys::LeakedCell::new();
 /// Pools with `ForkServer` alive at once.
 const ARENA_POOLS: usize = 64;
 /// Workers of one such pool at most.
@@ -206,11 +207,11 @@ pub fn start() -> Result<()> {
     }
     crate::unwind::install_hook();
     sys::prepare_dev_null()?;
-    if ARENA.get().is_none() {
+    if ARENA.get().is_none_or(|(owner, _)| *owner != me) {
         let arena = (0..ARENA_POOLS)
             .map(|_| SharedProgress::new(ARENA_SLOTS).map(Arc::new))
             .collect::<io::Result<Vec<_>>>()?;
-        ARENA.set(arena);
+        ARENA.set((me, arena));
     }
     let (ours, theirs) = sys::seqpacket_pair()?;
     let ours_raw = sys::raw(&ours);
@@ -377,13 +378,19 @@ pub(crate) fn progress_for_server(n: usize) -> Result<Arc<SharedProgress>> {
             ),
         });
     }
-    let arena = ARENA.get().expect("forkserver::start() maps the arena");
-    let _lock = ARENA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, arena) = ARENA.get().expect("forkserver::start() maps the arena");
     // Free: only the arena holds it (its pool and workers are gone).
+    // Lock-free claim: take a reference, keep it only if ours is the one
+    // other (two threads that both took one both let go, and look on).
     arena
         .iter()
-        .find(|p| Arc::strong_count(p) == 1)
-        .map(Arc::clone)
+        .find_map(|p| {
+            if Arc::strong_count(p) != 1 {
+                return None;
+            }
+            let ours = Arc::clone(p);
+            (Arc::strong_count(p) == 2).then_some(ours)
+        })
         .ok_or_else(|| Error::ForkServer {
             reason: format!("at most {ARENA_POOLS} pools with StartMethod::ForkServer at once"),
         })
@@ -393,12 +400,12 @@ pub(crate) fn progress_for_server(n: usize) -> Result<Arc<SharedProgress>> {
 pub(crate) fn arena_index(progress: &Arc<SharedProgress>) -> Option<usize> {
     ARENA
         .get()
-        .and_then(|a| a.iter().position(|p| Arc::ptr_eq(p, progress)))
+        .and_then(|(_, a)| a.iter().position(|p| Arc::ptr_eq(p, progress)))
 }
 
 /// The arena's mapping `i`, in a child of the server.
 pub(crate) fn arena(i: usize) -> Option<Arc<SharedProgress>> {
-    ARENA.get().and_then(|a| a.get(i)).cloned()
+    ARENA.get().and_then(|(_, a)| a.get(i)).cloned()
 }
 
 /// A child of the server, as the server holds it.
