@@ -29,6 +29,7 @@ fn main() {
         Ok("hammer") => return hammer(),
         Ok("server_dies") => return server_dies(),
         Ok("panic_line") => return panic_line(),
+        Ok("threaded_fork") => return threaded_fork(),
         _ => {}
     }
     // Before start(): ForkServer is an error that names forkserver::start().
@@ -67,6 +68,7 @@ fn main() {
         ("dropped_handles_are_reaped", dropped_handles_are_reaped),
         ("no_fd_leaks", no_fd_leaks),
         ("a_panic_names_the_child", panic_line_from_outside),
+        ("a_threaded_fork_warns_once_on_stderr", threaded_fork_warns),
         (
             "pool_survives_a_crashing_item",
             pool_survives_a_crashing_item,
@@ -646,6 +648,11 @@ fn hammer_from_outside() {
         thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "{status:?} {seen:?}");
+    // Server starts never fork the threaded caller: no warning about it.
+    assert!(
+        seen.iter().all(|l| !l.contains("multiproc: forking")),
+        "{seen:?}"
+    );
 }
 
 // ---- a server killed under its caller ----
@@ -721,4 +728,45 @@ fn panic_line_from_outside() {
         .find(|l| l.starts_with(&want))
         .unwrap_or_else(|| panic!("no panic line naming the child: {run:?}"));
     assert!(line.ends_with(": boom in a server child"), "{line}");
+}
+
+// ---- the warning about a fork from a threaded program, without a logger ----
+
+fn threaded_fork() {
+    let (tx, rx) = mpsc::channel::<()>();
+    let t = thread::spawn(move || {
+        let _ = rx.recv();
+    });
+    for _ in 0..3 {
+        let mut p = Process::new(|| {});
+        p.start().unwrap();
+        assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+    }
+    drop(tx);
+    t.join().unwrap();
+}
+
+fn threaded_fork_warns() {
+    let run = common::run_self(
+        "threaded_fork",
+        &[("MP_FS_ROLE", "threaded_fork")],
+        DEADLINE,
+    );
+    assert!(run.status.success(), "{run:?}");
+    let warnings: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("multiproc: forking a process with 2 threads"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{run:?}");
+    assert!(
+        warnings[0].contains("StartMethod::ForkServer"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[0].contains("forkserver::start()"),
+        "{}",
+        warnings[0]
+    );
 }
