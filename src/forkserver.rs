@@ -149,8 +149,9 @@ static SERVER: sys::LeakedCell<Server> = sys::LeakedCell::new();
 /// With the pid of the process whose [`start`] made it: a child that
 /// starts a server of its own makes its own arena.
 static ARENA: sys::LeakedCell<(u32, Vec<Arc<SharedProgress>>)> = sys::LeakedCell::new();
-/// Pools with `ForkServer` alive at once.
-const ARENA_POOLS: usize = 64;
+/// Pools with `ForkServer` alive at once. Each is one mapping (one VMA)
+/// in the server, which every fork of the server copies: kept small.
+const ARENA_POOLS: usize = 16;
 /// Workers of one such pool at most.
 pub(crate) const ARENA_SLOTS: usize = 256;
 
