@@ -55,6 +55,17 @@
 //! daemonic children and pool workers die with the server in turn, so they
 //! die with the caller; other children run on, as with `Fork`.
 //!
+//! # Limits
+//!
+//! A pool whose workers the server forks shares its progress counters with
+//! them through a mapping made at [`start`]: at most 16 such pools at once,
+//! of at most 256 workers each (more is an [`Error::ForkServer`]). The
+//! server dies with its caller and cannot be started again once the caller
+//! has threads: a server that was killed is an [`Error::ForkServer`] for
+//! every later `ForkServer` start, and the status of its children that
+//! were still running becomes [`exitcode::UNKNOWN`](crate::exitcode::UNKNOWN)
+//! (they are still waited for, on their pidfds).
+//!
 //! The server knows no layer above it: a request names a *runner* (a plain
 //! `fn` of the layer that asks, by address: the server is a fork of the
 //! same image) and carries that layer's bytes and fds. The process layer's

@@ -76,6 +76,10 @@ fn main() {
         ("pool_task_timeout", pool_task_timeout),
         ("pool_reuses_its_counters", pool_reuses_its_counters),
         (
+            "pools_past_the_arena_are_an_error",
+            pools_past_the_arena_are_an_error,
+        ),
+        (
             "killed_caller_leaves_nothing_behind",
             killed_caller_leaves_nothing_behind,
         ),
@@ -416,6 +420,38 @@ fn pool_task_timeout() {
     );
     assert!(matches!(r, Err(Error::Timeout)), "{r:?}");
     assert_eq!(pool.apply(|x: u32| x * 3, 3).unwrap(), 9);
+}
+
+fn pools_past_the_arena_are_an_error() {
+    let pools: Vec<Pool> = (0..16)
+        .map(|_| {
+            Pool::builder()
+                .processes(1)
+                .start_method(FS)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let e = Pool::builder()
+        .processes(1)
+        .start_method(FS)
+        .build()
+        .unwrap_err();
+    assert!(e.is_fork_server(), "{e:?}");
+    assert!(e.to_string().contains("at most 16 pools"), "{e}");
+    let e = Pool::builder()
+        .processes(300)
+        .start_method(FS)
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 256 workers"), "{e}");
+    drop(pools);
+    let pool = Pool::builder()
+        .processes(1)
+        .start_method(FS)
+        .build()
+        .unwrap();
+    assert_eq!(pool.apply(|x: u8| x, 1).unwrap(), 1);
 }
 
 fn pool_reuses_its_counters() {

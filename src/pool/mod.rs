@@ -256,7 +256,9 @@ impl PoolBuilder {
     /// [`set_start_method`](crate::set_start_method) when the pool is built.
     /// With `ForkServer` (after [`forkserver::start`](crate::forkserver::start))
     /// the fork server forks them: safe in a program with threads, and fast
-    /// whatever the size of the caller's heap.
+    /// whatever the size of the caller's heap (at most 16 such pools at
+    /// once, of at most 256 workers; see the [`forkserver`](crate::forkserver)
+    /// docs).
     ///
     /// ```
     /// use multiproc::{Pool, StartMethod};
