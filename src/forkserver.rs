@@ -338,7 +338,11 @@ pub(crate) fn fork_child(
                 reason: "the fork server stopped answering".to_string(),
             });
         }
-        sys::send_with_fds(ctl.as_fd(), &req, &fds).map_err(gone)?;
+        sys::send_with_fds(ctl.as_fd(), &req, &fds).map_err(|e| {
+            // A server that died: reap it (it is our child).
+            let _ = server.popen.poll();
+            gone(e)
+        })?;
         if sys::poll_readable(&[ctl.as_fd()], Some(REPLY_DEADLINE))?.is_empty() {
             server.broken.store(true, Ordering::Relaxed);
             return Err(Error::ForkServer {

@@ -727,6 +727,8 @@ fn server_dies() {
     let e = q.start().unwrap_err();
     assert!(e.is_fork_server(), "{e:?}");
     assert!(e.to_string().contains("gone"), "{e}");
+    assert_eq!(forkserver::server_pid(), None);
+    assert!(common::zombies_of(std::process::id()).is_empty());
     println!("server_dies ok");
 }
 
