@@ -156,9 +156,9 @@ static SERVER: sys::LeakedCell<Server> = sys::LeakedCell::new();
 
 /// Pools whose workers the server forks share progress counters with them
 /// through one of these mappings, made by [`start`] *before* the server is
-/// forked, so the server and its children map them too.
-/// With the pid of the process whose [`start`] made it: a child that
-/// starts a server of its own makes its own arena.
+/// forked, so the server and its children map them too. Kept with the pid
+/// of the process whose [`start`] made it: a child that starts a server of
+/// its own makes its own arena.
 static ARENA: sys::LeakedCell<(u32, Vec<Arc<SharedProgress>>)> = sys::LeakedCell::new();
 /// Pools with `ForkServer` alive at once. Each is one mapping (one VMA)
 /// in the server, which every fork of the server copies: kept small.

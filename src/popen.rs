@@ -25,6 +25,11 @@ const PIPE_SENTINEL_SLICE: Duration = Duration::from_millis(50);
 /// reaps *only its own pid*. It does not register the child with the at-exit
 /// finalizer, name it, or redirect its stdin: use `Process` for that.
 ///
+/// A `Popen` may also stand for a child of the
+/// [fork server](crate::forkserver): the server reaps it and reports its
+/// exit code, which `poll` and `wait` then return; signals go through the
+/// child's pidfd. The methods behave the same for both kinds.
+///
 /// Like [`std::process::Child`], dropping a `Popen` neither kills nor reaps
 /// the child. Exit codes follow Python: `n` for an exit status, `-s` for
 /// death by signal `s`.
