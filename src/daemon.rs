@@ -250,17 +250,9 @@ impl Daemon {
         // The after-fork hooks, copied out of their lock before the fork;
         // no death signal: a daemon outlives its launcher.
         let init = process::ChildInit::prepare(None);
-        // Held across the fork: the daemon clears its copy (the launcher's
-        // `Process` children are not the daemon's).
-        let registry = process::registry();
-        let forked = sys::fork_returning();
-        let mut registry = match forked {
-            Ok(Some(_)) | Err(_) => {
-                drop(registry);
-                None
-            }
-            Ok(None) => Some(registry),
-        };
+        // The middle child forgets the launcher's `Process` children and
+        // becomes a main process (see `process::fork_program`).
+        let forked = process::fork_program();
         match forked? {
             Some(middle) => {
                 drop(report_w);
@@ -272,12 +264,12 @@ impl Daemon {
                     // (setup never changes it). The middle child is not
                     // reaped yet, so that number still names this group and
                     // no other.
-                    let _ =
-                        sys::send_signal(sys::Pid::from_raw(-middle.as_raw()), sys::Sig::SIGKILL);
-                    let _ = sys::send_signal(middle, sys::Sig::SIGKILL);
+                    let group = sys::Pid::from_raw(-(middle.pid() as i32));
+                    let _ = sys::send_signal(group, sys::Sig::SIGKILL);
+                    let _ = middle.kill();
                 }
                 // The middle child exits right after the second fork.
-                let _ = sys::wait_blocking(middle);
+                let _ = middle.wait(None);
                 match report? {
                     Report::Up(pid) => Ok(Launched::Launcher(pid)),
                     Report::AlreadyRunning(pid) => Err(Error::AlreadyRunning {
@@ -298,12 +290,7 @@ impl Daemon {
                 }
             }
             None => {
-                // The middle child: forget the launcher's children, become
-                // a main process (the daemon runs the hooks, below).
-                if let Some(mut r) = registry.take() {
-                    r.clear();
-                }
-                process::become_main_process();
+                // The middle child (the daemon runs the hooks, below).
                 drop(report_r);
                 // The middle child: a new session, then fork again so that
                 // the daemon is not a session leader and can never acquire a
@@ -312,9 +299,9 @@ impl Daemon {
                     send_report(&report_w, &failed("setsid", &e));
                     sys::exit_immediately(1);
                 }
-                match sys::fork_returning() {
+                match process::fork_program() {
                     Err(e) => {
-                        send_report(&report_w, &failed("fork", &e));
+                        send_report(&report_w, &failed("fork", &io::Error::from(e)));
                         sys::exit_immediately(1)
                     }
                     Ok(Some(_)) => sys::exit_immediately(0),
@@ -368,7 +355,7 @@ impl Daemon {
             // Held (and locked) for the daemon's life.
             std::mem::forget(fd);
             PID_FILE.set((std::process::id(), path.clone()));
-            crate::finalize::ensure_registered();
+            crate::finalize::at_exit(remove_pid_file);
         }
         Ok(())
     }

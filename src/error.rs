@@ -94,6 +94,17 @@ pub enum Error {
     /// aborted it while others waited (Python's `BrokenBarrierError`).
     #[error("barrier is broken")]
     BrokenBarrier,
+
+    /// The fork server cannot create this child: it was not started
+    /// ([`forkserver::start`](crate::forkserver::start) first in `main`),
+    /// it could not start (other threads already ran), it belongs to
+    /// another process, or the target is a closure, which cannot cross to
+    /// it. The message says which.
+    #[error("{reason}")]
+    ForkServer {
+        /// What is wrong, naming the fix.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -121,6 +132,11 @@ impl Error {
     /// `true` for [`Error::BrokenBarrier`].
     pub fn is_broken_barrier(&self) -> bool {
         matches!(self, Error::BrokenBarrier)
+    }
+
+    /// `true` for [`Error::ForkServer`].
+    pub fn is_fork_server(&self) -> bool {
+        matches!(self, Error::ForkServer { .. })
     }
 
     /// The panic message, for [`Error::Panicked`].

@@ -1,11 +1,11 @@
 //! The at-exit finalizer, [`shutdown`] and [`exit`].
 
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 use std::time::Duration;
 
-use crate::popen::{self, Popen};
-use crate::process;
-use crate::sys::{self, Sig};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::sys;
 
 /// How long a daemonic child gets between `SIGTERM` and `SIGKILL` at exit.
 pub const DAEMON_GRACE: Duration = Duration::from_secs(2);
@@ -18,17 +18,41 @@ static REGISTERED: Once = Once::new();
 /// then finalizes that child's own children.
 pub(crate) fn ensure_registered() {
     REGISTERED.call_once(|| {
-        if let Err(e) = sys::register_atexit(at_exit) {
+        if let Err(e) = sys::register_atexit(run_at_exit) {
             log::warn!("multiproc: cannot register the at-exit finalizer: {e}");
         }
     });
 }
 
-extern "C" fn at_exit() {
+/// Actions the finalizer runs at exit after [`shutdown`], in registration
+/// order: layers above register here (the daemon removes its pid file), so
+/// the finalizer depends on none of them.
+static AT_EXIT_ACTIONS: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
+
+/// Registers `action` to run at exit, after the children are finalized
+/// (and registers the finalizer itself).
+pub(crate) fn at_exit(action: fn()) {
+    AT_EXIT_ACTIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(action);
+    ensure_registered();
+}
+
+extern "C" fn run_at_exit() {
     // A panic must not cross the C boundary of atexit.
     let _ = std::panic::catch_unwind(|| {
         shutdown();
-        crate::daemon::remove_pid_file();
+        // `try_lock`: a thread that holds it at exit (it only pushes) must
+        // not hang the exit.
+        let actions = match AT_EXIT_ACTIONS.try_lock() {
+            Ok(a) => a.clone(),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().clone(),
+            Err(std::sync::TryLockError::WouldBlock) => Vec::new(),
+        };
+        for action in actions {
+            action();
+        }
     });
 }
 
@@ -53,19 +77,21 @@ extern "C" fn at_exit() {
 /// # Ok::<(), multiproc::Error>(())
 /// ```
 pub fn shutdown() {
-    process::reap_finished();
-    let children = process::children();
-    // One grace for all the daemonic children, not one each.
-    let daemonic: Vec<&Popen> = children
-        .iter()
-        .filter(|c| c.info.daemon())
-        .map(|c| &c.popen)
-        .collect();
-    popen::stop_all(&daemonic, Sig::SIGTERM, DAEMON_GRACE);
-    for c in children.iter().filter(|c| !c.info.daemon()) {
-        let _ = c.popen.wait(None);
+    let f = FINALIZE_CHILDREN.load(Ordering::Acquire);
+    if f != 0 {
+        sys::hook_from_addr(f)();
     }
-    process::reap_finished();
+}
+
+/// What [`shutdown`] runs: the process layer's finalizer of its children
+/// (set on the first fork), as an address: lock-free, so a child can read
+/// it whatever a parent thread held at the fork. Keeps this layer free of
+/// the process layer.
+static FINALIZE_CHILDREN: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets what [`shutdown`] runs (once per program; a child inherits it).
+pub(crate) fn set_children_finalizer(f: fn()) {
+    FINALIZE_CHILDREN.store(sys::hook_addr(f), Ordering::Release);
 }
 
 /// Ends the current process with `code`, as `sys.exit` does in a Python

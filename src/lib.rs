@@ -94,6 +94,15 @@
 //! # Ok::<(), multiproc::Error>(())
 //! ```
 //!
+//! A program with threads (a tokio runtime, a logger, rayon) or a big heap
+//! starts its children from a fork server instead: call
+//! [`forkserver::start`] first in `main`, then ask for
+//! [`StartMethod::ForkServer`] ([`Process::from_fn`],
+//! [`PoolBuilder::start_method`], or [`set_start_method`] for both). The
+//! children are forked from the small, single-threaded image the program
+//! had at `start()`, so no lock a thread of yours holds is held in them, and
+//! a start costs the same from a 4 GiB program as from a small one.
+//!
 //! For servers: [`fork_processes`] and [`task_id`] (tornado's pre-fork
 //! model) on a [`Supervisor`] with signal forwarding, rolling restarts and a
 //! back-off; [`Daemon`] to detach into the background with a locked pid
@@ -118,8 +127,8 @@
 //!   std's panic hook, which takes the stderr and backtrace locks.
 //! - The child ends with `_exit`: it never returns into your stack (a test
 //!   harness, a server loop) and never runs your destructors twice.
-//! - Forking from a process with several threads logs one warning (through
-//!   the `log` crate).
+//! - Forking from a process with several threads gives one warning, through
+//!   the `log` crate, or as one line on stderr when no logger is installed.
 //!
 //! What is fine in the child: allocation (glibc's malloc has fork handlers),
 //! `println!`, files, sockets, anything your own single thread set up.
@@ -128,8 +137,10 @@
 //! threads do not exist in the child), a logger whose background thread
 //! flushes for you.
 //!
-//! What to do: fork before starting threads where you can; create pools at
-//! the start of `main`; do not use a runtime inherited from the parent in
+//! What to do: call [`forkserver::start`] first in `main` and use
+//! [`StartMethod::ForkServer`] (the cure: children then come from a clean,
+//! single-threaded image); otherwise fork before starting threads where you
+//! can; create pools at the start of `main`; do not use a runtime inherited from the parent in
 //! the child (build a new one there); reseed random generators in a
 //! [`register_after_fork`] hook. This is the same contract as Python's
 //! `fork` start method, made explicit.
@@ -162,6 +173,7 @@ mod daemon;
 mod error;
 pub mod exitcode;
 mod finalize;
+pub mod forkserver;
 mod pool;
 mod popen;
 mod process;
@@ -178,6 +190,7 @@ pub use codec::DEFAULT_MAX_FRAME_LEN;
 pub use connection::{pipe, wait, Connection};
 pub use error::{CodecError, CodecErrorKind, Error, Result};
 pub use finalize::{exit, shutdown, DAEMON_GRACE};
+pub use forkserver::{set_start_method, StartMethod};
 pub use popen::Popen;
 pub use process::{
     active_children, cpu_count, current_process, parent_process, register_after_fork, Process,

@@ -25,6 +25,11 @@ const PIPE_SENTINEL_SLICE: Duration = Duration::from_millis(50);
 /// reaps *only its own pid*. It does not register the child with the at-exit
 /// finalizer, name it, or redirect its stdin: use `Process` for that.
 ///
+/// A `Popen` may also stand for a child of the
+/// [fork server](crate::forkserver): the server reaps it and reports its
+/// exit code, which `poll` and `wait` then return; signals go through the
+/// child's pidfd. The methods behave the same for both kinds.
+///
 /// Like [`std::process::Child`], dropping a `Popen` neither kills nor reaps
 /// the child. Exit codes follow Python: `n` for an exit status, `-s` for
 /// death by signal `s`.
@@ -38,9 +43,33 @@ const PIPE_SENTINEL_SLICE: Duration = Duration::from_millis(50);
 /// ```
 pub struct Popen {
     pid: Pid,
+    /// Readable once the status can be taken: the pidfd or sentinel pipe of
+    /// a direct child; for a child of the fork server, the socket on which
+    /// the server reports its status.
     sentinel: OwnedFd,
+    /// Whether `sentinel` is reliable (a pidfd, or the server's socket):
+    /// else a pipe, which a grandchild can hold open past the child's exit.
     pidfd: bool,
+    how: Seam,
     returncode: Mutex<Option<i32>>,
+}
+
+/// How the status of the child is taken: the small private wait seam under
+/// every handle on a child.
+enum Seam {
+    /// Our own child: `waitpid(pid, WNOHANG)`, signals by pid (safe while
+    /// unreaped, which the lock in [`Popen::send_signal`] guarantees).
+    Direct,
+    /// A child of the fork server. The server reaps it and writes its exit
+    /// code (4 bytes, little-endian) on `sentinel`; signals go through
+    /// `pidfd`, which names exactly this process, so a recycled pid can
+    /// never be hit even though we do not reap. `server_gone` is set once
+    /// the server closed the socket without a status (it died): the child
+    /// is then waited for on its pidfd and its code is unknown.
+    Server {
+        pidfd: OwnedFd,
+        server_gone: std::sync::atomic::AtomicBool,
+    },
 }
 
 impl Popen {
@@ -94,8 +123,26 @@ impl Popen {
             pid,
             sentinel,
             pidfd: use_pidfd,
+            how: Seam::Direct,
             returncode: Mutex::new(None),
         })
+    }
+
+    /// A child the fork server forked: its pid, a pidfd the server opened
+    /// while the child was its unreaped child (so it names this very
+    /// process), and our end of the socket on which the server reports the
+    /// exit code.
+    pub(crate) fn through_server(pid: u32, pidfd: OwnedFd, status: OwnedFd) -> Popen {
+        Popen {
+            pid: Pid::from_raw(pid as i32),
+            sentinel: status,
+            pidfd: true,
+            how: Seam::Server {
+                pidfd,
+                server_gone: std::sync::atomic::AtomicBool::new(false),
+            },
+            returncode: Mutex::new(None),
+        }
     }
 
     /// Forks a child that *returns* into the caller and goes on running the
@@ -131,6 +178,7 @@ impl Popen {
             pid,
             sentinel,
             pidfd: use_pidfd,
+            how: Seam::Direct,
             returncode: Mutex::new(None),
         }))
     }
@@ -169,9 +217,51 @@ impl Popen {
     pub fn poll(&self) -> Result<Option<i32>> {
         let mut rc = self.lock();
         if rc.is_none() {
-            *rc = sys::try_wait(self.pid)?;
+            *rc = match &self.how {
+                Seam::Direct => sys::try_wait(self.pid)?,
+                Seam::Server { pidfd, server_gone } => {
+                    self.server_status(pidfd.as_fd(), server_gone)?
+                }
+            };
         }
         Ok(*rc)
+    }
+
+    /// The status the fork server reported, if it has (without blocking).
+    fn server_status(
+        &self,
+        pidfd: BorrowedFd<'_>,
+        server_gone: &std::sync::atomic::AtomicBool,
+    ) -> Result<Option<i32>> {
+        use std::sync::atomic::Ordering;
+        if !server_gone.load(Ordering::Relaxed) {
+            let mut code = [0u8; 4];
+            match sys::recv_nonblocking(self.sentinel.as_fd(), &mut code)? {
+                Some(4) => return Ok(Some(i32::from_le_bytes(code))),
+                None => return Ok(None),
+                // End of file (or a torn report): the server is gone
+                // without reaping the child.
+                Some(_) => server_gone.store(true, Ordering::Relaxed),
+            }
+        }
+        // No server to report: the pidfd still says whether it exited.
+        if sys::poll_readable(&[pidfd], Some(Duration::ZERO))?.is_empty() {
+            Ok(None)
+        } else {
+            Ok(Some(crate::exitcode::UNKNOWN))
+        }
+    }
+
+    /// The fd to sleep on until the status can be taken.
+    fn wait_fd(&self) -> BorrowedFd<'_> {
+        match &self.how {
+            Seam::Server { pidfd, server_gone }
+                if server_gone.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                pidfd.as_fd()
+            }
+            _ => self.sentinel.as_fd(),
+        }
     }
 
     /// Waits for the child to exit, at most `timeout` (`None`: no limit).
@@ -192,7 +282,7 @@ impl Popen {
             if !self.pidfd {
                 left = Some(left.map_or(PIPE_SENTINEL_SLICE, |l| l.min(PIPE_SENTINEL_SLICE)));
             }
-            sys::poll_readable(&[self.sentinel.as_fd()], left)?;
+            sys::poll_readable(&[self.wait_fd()], left)?;
             if let Some(code) = self.poll()? {
                 return Ok(Some(code));
             }
@@ -236,7 +326,11 @@ impl Popen {
         if rc.is_some() {
             return Ok(());
         }
-        match sys::send_signal(self.pid, sig) {
+        let sent = match &self.how {
+            Seam::Direct => sys::send_signal(self.pid, sig),
+            Seam::Server { pidfd, .. } => sys::pidfd_send_signal(pidfd.as_fd(), sig),
+        };
+        match sent {
             Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(()),
             other => other.map_err(Error::from),
         }
@@ -275,7 +369,7 @@ pub(crate) fn stop_all(children: &[&Popen], first: Sig, grace: Duration) {
         if left.iter().any(|c| !c.pidfd) {
             timeout = Some(timeout.map_or(PIPE_SENTINEL_SLICE, |t| t.min(PIPE_SENTINEL_SLICE)));
         }
-        let fds: Vec<BorrowedFd<'_>> = left.iter().map(|c| c.sentinel()).collect();
+        let fds: Vec<BorrowedFd<'_>> = left.iter().map(|c| c.wait_fd()).collect();
         if sys::poll_readable(&fds, timeout).is_err() {
             break;
         }
@@ -294,6 +388,7 @@ impl fmt::Debug for Popen {
             .field("pid", &self.pid.as_raw())
             .field("sentinel", &self.sentinel.as_raw_fd())
             .field("returncode", &self.returncode())
+            .field("through_server", &matches!(self.how, Seam::Server { .. }))
             .finish()
     }
 }

@@ -340,13 +340,11 @@ impl State {
         // running our handler there (which writes to *our* signal pipe:
         // the child would never see the stop).
         let blocked = sys::BlockedSignals::block(&HANDLED);
-        // Held across the fork: the child clears its copy (the parent's
-        // Process children are not the child's).
-        let registry = process::registry();
-        let forked = Popen::fork_program();
+        // The child forgets the parent's `Process` children and becomes a
+        // main process (see `process::fork_program`).
+        let forked = process::fork_program();
         match forked {
             Err(e) => {
-                drop(registry);
                 drop(blocked);
                 self.abort_all();
                 Err(e)
@@ -360,7 +358,7 @@ impl State {
                 // sentinels) are closed when its state is dropped on the way
                 // out of `run`.
                 sys::reset_signals_in_child(&HANDLED);
-                if let Err(code) = init.become_program(Some(registry)) {
+                if let Err(code) = init.become_program() {
                     sys::exit_immediately(code);
                 }
                 TASK_ID.store(id, Ordering::Relaxed);
@@ -375,7 +373,6 @@ impl State {
                 Ok(Some(Role::Child(id)))
             }
             Ok(Some(popen)) => {
-                drop(registry);
                 drop(blocked);
                 drop(ready_w);
                 log::info!("multiproc: started child {id} (pid {})", popen.pid());

@@ -9,6 +9,7 @@
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
 use crate::sys;
@@ -42,6 +43,22 @@ fn last_location() -> std::sync::MutexGuard<'static, Option<String>> {
 
 static HOOK: Once = Once::new();
 
+/// How the hook names the process that panicked: set by the process layer
+/// (which knows names), as an address: lock-free, and no import of it here.
+static DESCRIBER: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets how panics in children name their process: `(name, pid)`.
+pub(crate) fn set_describer(f: fn() -> (String, u32)) {
+    DESCRIBER.store(f as usize, Ordering::Release);
+}
+
+fn describe() -> (String, u32) {
+    match DESCRIBER.load(Ordering::Acquire) {
+        0 => ("MainProcess".to_string(), std::process::id()),
+        f => sys::describer_from_addr(f)(),
+    }
+}
+
 /// Installs the crate's panic hook (once), chaining to the hook in place.
 pub(crate) fn install_hook() {
     HOOK.call_once(|| {
@@ -52,11 +69,11 @@ pub(crate) fn install_hook() {
             }
             let location = info.location().map(|l| l.to_string());
             let message = payload_message(info.payload());
-            let me = crate::process::current_process();
+            let (name, pid) = describe();
             let line = format!(
                 "process '{}' (pid {}) panicked at {}: {}\n",
-                me.name(),
-                me.pid(),
+                name,
+                pid,
                 location.as_deref().unwrap_or("<unknown>"),
                 message
             );

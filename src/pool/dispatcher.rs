@@ -16,7 +16,7 @@ use super::jobs::JobTable;
 use super::ledger::{self, Ledger};
 use super::protocol::{Command, JobMsg, PoolFailure, Wake};
 use super::wire::{self, FromWorker};
-use super::worker::{self, WorkerSpec};
+use super::worker::WorkerSpec;
 use crate::codec::{Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
 use crate::error::{Error, Result};
 use crate::popen::{self, Popen};
@@ -44,6 +44,7 @@ pub(crate) struct Config {
     pub(crate) initializer: Option<fn()>,
     pub(crate) max_tasks_per_child: Option<usize>,
     pub(crate) task_timeout: Option<Duration>,
+    pub(crate) start_method: crate::StartMethod,
 }
 
 /// Bytes queued for a worker's socket, written as it takes them.
@@ -156,7 +157,7 @@ impl Dispatcher {
             rx,
             wake: Arc::clone(&wake),
             wake_r,
-            progress: Arc::new(SharedProgress::new(n)?),
+            progress: super::start::progress_for(cfg.start_method, n)?,
             workers: (0..n).map(|_| None).collect(),
             cfg,
             jobs: JobTable::default(),
@@ -203,18 +204,7 @@ impl Dispatcher {
         };
         let name = format!("PoolWorker-{}", self.next_name);
         self.next_name += 1;
-        let mut process = Process::new(move || {
-            let code = worker::run(spec);
-            if code != 0 {
-                crate::exit(code);
-            }
-        })
-        .with_name(name)
-        .with_daemon(true)
-        // The pool reaps its own workers: they are never listed by
-        // `active_children` nor signalled by the at-exit finalizer.
-        .unregistered();
-        process.start()?;
+        let process = super::start::start_worker(self.cfg.start_method, spec, name)?;
         let pid = process.pid().expect("a started process has a pid");
         let now = Instant::now();
         self.workers[slot] = Some(Worker {

@@ -92,6 +92,7 @@ mod ledger;
 mod mailbox;
 mod protocol;
 mod result;
+mod start;
 mod wire;
 mod worker;
 
@@ -219,6 +220,7 @@ pub struct PoolBuilder {
     initializer: Option<fn()>,
     max_tasks_per_child: Option<usize>,
     task_timeout: Option<Duration>,
+    start_method: Option<crate::StartMethod>,
 }
 
 impl PoolBuilder {
@@ -253,12 +255,36 @@ impl PoolBuilder {
         self
     }
 
+    /// How the workers are created (see [`StartMethod`](crate::StartMethod));
+    /// by default the one set with
+    /// [`set_start_method`](crate::set_start_method) when the pool is built.
+    /// With `ForkServer` (after [`forkserver::start`](crate::forkserver::start))
+    /// the fork server forks them: safe in a program with threads, and fast
+    /// whatever the size of the caller's heap (at most 16 such pools at
+    /// once, of at most 256 workers; see the [`forkserver`](crate::forkserver)
+    /// docs).
+    ///
+    /// ```
+    /// use multiproc::{Pool, StartMethod};
+    /// let pool = Pool::builder().processes(1).start_method(StartMethod::Fork).build()?;
+    /// assert_eq!(pool.apply(|x: u8| x + 1, 1)?, 2);
+    /// // Without forkserver::start(), ForkServer is an error that says so:
+    /// let e = Pool::builder().start_method(StartMethod::ForkServer).build().unwrap_err();
+    /// assert!(e.to_string().contains("forkserver::start()"));
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn start_method(mut self, method: crate::StartMethod) -> PoolBuilder {
+        self.start_method = Some(method);
+        self
+    }
+
     /// Forks the workers and starts the dispatcher thread.
     ///
     /// # Errors
     /// [`Error::Io`] if a socket pair, the shared progress page, a fork or
     /// the dispatcher thread cannot be created (the workers already forked
-    /// are killed and reaped first).
+    /// are killed and reaped first); [`Error::ForkServer`] for
+    /// `StartMethod::ForkServer` without a running fork server.
     pub fn build(self) -> Result<Pool> {
         let processes = if self.processes == 0 {
             crate::cpu_count()
@@ -270,6 +296,8 @@ impl PoolBuilder {
             initializer: self.initializer,
             max_tasks_per_child: self.max_tasks_per_child,
             task_timeout: self.task_timeout,
+            start_method: (self.start_method)
+                .unwrap_or_else(crate::forkserver::default_start_method),
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         let (dispatcher, wake) = Dispatcher::new(cfg, rx)?;
