@@ -408,6 +408,66 @@ mod tests {
         p.kill().unwrap();
     }
 
+    /// A child "through the server", without a server: the test plays the
+    /// server's part (it forked the child, it writes the report).
+    fn through_fake_server() -> (Popen, OwnedFd, OwnedFd, Pid) {
+        let (r, w) = sys::pipe().unwrap();
+        let w_raw = sys::raw(&w);
+        let pid = sys::fork_child(move || {
+            // Our copy of the write end: the read below ends when the test
+            // drops its own.
+            sys::close_raw(w_raw);
+            let mut b = [0u8; 1];
+            let _ = sys::read(r.as_fd(), &mut b);
+            0
+        })
+        .unwrap();
+        let pidfd = sys::pidfd_open(pid).unwrap();
+        let (ours, server_end) = sys::socket_pair(0).unwrap();
+        (
+            Popen::through_server(pid.as_raw() as u32, pidfd, ours),
+            server_end,
+            w,
+            pid,
+        )
+    }
+
+    #[test]
+    fn the_server_seam_takes_the_reported_code() {
+        if !sys::pidfd_supported() {
+            return;
+        }
+        let (p, server_end, release, pid) = through_fake_server();
+        assert_eq!(p.poll().unwrap(), None);
+        assert_eq!(p.wait(Some(Duration::from_millis(20))).unwrap(), None);
+        // Signals go through the pidfd, to the live child.
+        p.terminate().unwrap();
+        assert_eq!(sys::wait_blocking(pid).unwrap(), -15);
+        // Reaped by "the server", which reports: the code is the report.
+        sys::write_all(server_end.as_fd(), &(-15i32).to_le_bytes()).unwrap();
+        assert_eq!(p.wait(T).unwrap(), Some(-15));
+        assert_eq!(p.returncode(), Some(-15));
+        // Signalling a reported child is a no-op.
+        p.kill().unwrap();
+        drop(release);
+    }
+
+    #[test]
+    fn a_vanished_server_is_an_unknown_code_once_the_child_exits() {
+        if !sys::pidfd_supported() {
+            return;
+        }
+        let (p, server_end, release, pid) = through_fake_server();
+        drop(server_end);
+        // No report can come; the child still runs: still running.
+        assert_eq!(p.poll().unwrap(), None);
+        assert_eq!(p.wait(Some(Duration::from_millis(20))).unwrap(), None);
+        drop(release);
+        // Waited for on its pidfd (bounded), then reaped by "the server".
+        assert_eq!(p.wait(T).unwrap(), Some(crate::exitcode::UNKNOWN));
+        assert_eq!(sys::wait_blocking(pid).unwrap(), 0);
+    }
+
     #[test]
     fn killed_by_signal_is_negative() {
         let (r, w) = sys::pipe().unwrap();

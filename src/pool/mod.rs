@@ -296,7 +296,8 @@ impl PoolBuilder {
             initializer: self.initializer,
             max_tasks_per_child: self.max_tasks_per_child,
             task_timeout: self.task_timeout,
-            start_method: (self.start_method)
+            start_method: self
+                .start_method
                 .unwrap_or_else(crate::forkserver::default_start_method),
         };
         let (tx, rx) = crossbeam_channel::unbounded();
