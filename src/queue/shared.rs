@@ -294,17 +294,15 @@ impl Shared {
         // The lock is held for one copy, most often of a few bytes: try it
         // a few times before sleeping on it (a sleep and its wake-up cost
         // two system calls and far more than the copy).
+        // A short spin only, no `sched_yield`: a holder copying a big
+        // message keeps the lock for long, and is better slept on.
         let mut guard = None;
-        for i in 0..LOCK_SPINS {
+        for _ in 0..LOCK_SPINS {
             guard = self.lock.try_lock()?;
             if guard.is_some() {
                 break;
             }
-            if i < LOCK_SPINS / 2 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            std::hint::spin_loop();
         }
         let guard = match (guard, wait.deadline()) {
             (Some(g), _) => Some(g),
