@@ -79,7 +79,7 @@ extern "C" fn run_at_exit() {
 pub fn shutdown() {
     let f = FINALIZE_CHILDREN.load(Ordering::Acquire);
     if f != 0 {
-        sys::hook_from_addr(f)();
+        sys::fn_from_addr::<fn()>(f)();
     }
 }
 
@@ -91,7 +91,7 @@ static FINALIZE_CHILDREN: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets what [`shutdown`] runs (once per program; a child inherits it).
 pub(crate) fn set_children_finalizer(f: fn()) {
-    FINALIZE_CHILDREN.store(sys::hook_addr(f), Ordering::Release);
+    FINALIZE_CHILDREN.store(sys::fn_addr(f), Ordering::Release);
 }
 
 /// Ends the current process with `code`, as `sys.exit` does in a Python

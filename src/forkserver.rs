@@ -312,7 +312,7 @@ pub(crate) fn fork_child(
     let mut req = Vec::new();
     codec::encode_value(
         &Request {
-            runner: sys::runner_addr(runner),
+            runner: sys::fn_addr(runner),
             payload,
         },
         &mut req,
@@ -544,7 +544,7 @@ fn handle_request(
         close.push(sys::raw_of(k.popen.sentinel()));
         close.push(sys::raw(&k.status));
     }
-    let runner = sys::runner_from_addr(req.runner);
+    let runner = sys::fn_from_addr::<sys::ServerRunner>(req.runner);
     let payload = req.payload;
     let forked = Popen::fork_raw(move || {
         for fd in close {

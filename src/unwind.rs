@@ -55,7 +55,7 @@ pub(crate) fn set_describer(f: fn() -> (String, u32)) {
 fn describe() -> (String, u32) {
     match DESCRIBER.load(Ordering::Acquire) {
         0 => ("MainProcess".to_string(), std::process::id()),
-        f => sys::describer_from_addr(f)(),
+        f => sys::fn_from_addr::<fn() -> (String, u32)>(f)(),
     }
 }
 

@@ -64,7 +64,7 @@ pub(crate) fn start_worker(method: StartMethod, spec: WorkerSpec, name: String) 
                 &WorkerJob {
                     slot: spec.slot,
                     arena,
-                    initializer: spec.initializer.map(sys::hook_addr),
+                    initializer: spec.initializer.map(sys::fn_addr::<fn()>),
                 },
                 &mut job,
             )?;
@@ -90,7 +90,7 @@ fn worker_job_main(job: &[u8], fds: Vec<OwnedFd>) -> Target {
             close: Vec::new(),
             progress,
             slot: job.slot,
-            initializer: job.initializer.map(sys::hook_from_addr),
+            initializer: job.initializer.map(sys::fn_from_addr::<fn()>),
         });
         if code != 0 {
             crate::exit(code);

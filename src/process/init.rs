@@ -71,7 +71,7 @@ impl ChildInit {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
-                .map(|h| sys::hook_addr(*h))
+                .map(|h| sys::fn_addr(*h))
                 .collect(),
         }
     }
@@ -111,7 +111,7 @@ impl ChildInit {
     /// registration order.
     pub(crate) fn run_hooks(self) {
         for hook in self.after_fork {
-            sys::hook_from_addr(hook)();
+            sys::fn_from_addr::<fn()>(hook)();
         }
     }
 

@@ -137,8 +137,8 @@ impl Process {
     {
         let mut p = Process::new(|| {});
         p.what = Some(What::Fn(FnTask {
-            f: sys::task_fn_addr(f),
-            tramp: sys::trampoline_addr(server::task_trampoline::<A>),
+            f: sys::fn_addr(f),
+            tramp: sys::fn_addr(server::task_trampoline::<A> as sys::TaskTrampoline),
             arg: Box::new(arg),
             encode: encode_arg::<A>,
             run: run_arg::<A>,
@@ -417,7 +417,7 @@ fn run_arg<A: 'static>(f: usize, arg: Box<dyn Any + Send>) {
     let arg = arg
         .downcast::<A>()
         .expect("an FnTask's argument has the type its runner was made for");
-    sys::task_fn_from_addr::<A>(f)(*arg)
+    sys::fn_from_addr::<fn(A)>(f)(*arg)
 }
 
 impl Drop for Process {

@@ -38,7 +38,7 @@ pub(crate) fn fork_via_server(
     codec::encode_value(
         &ServerRequest {
             spec,
-            job_main: sys::job_main_addr(job_main),
+            job_main: sys::fn_addr(job_main),
             job,
         },
         &mut payload,
@@ -59,7 +59,7 @@ fn server_child_main(payload: &[u8], fds: Vec<OwnedFd>, server: u32) -> i32 {
     crate::unwind::set_describer(super::init::describe_for_panics);
     let mut spec = req.spec;
     spec.init.forked_by(server);
-    let target: Target = sys::job_main_from_addr(req.job_main)(&req.job, fds);
+    let target: Target = sys::fn_from_addr::<sys::JobMain>(req.job_main)(&req.job, fds);
     bootstrap(None, spec, target)
 }
 
@@ -83,7 +83,7 @@ pub(crate) fn task_job_main(job: &[u8], fds: Vec<OwnedFd>) -> Target {
             crate::exit(crate::exitcode::SETUP_FAILED);
         };
         drop(channel);
-        let code = sys::trampoline_from_addr(job.tramp)(job.f, &arg);
+        let code = sys::fn_from_addr::<sys::TaskTrampoline>(job.tramp)(job.f, &arg);
         if code != 0 {
             crate::exit(code);
         }
@@ -96,7 +96,7 @@ pub(crate) fn task_job_main(job: &[u8], fds: Vec<OwnedFd>) -> Target {
 pub(crate) fn task_trampoline<A: DeserializeOwned>(f: usize, arg: &[u8]) -> i32 {
     match codec::decode::<A>(arg) {
         Ok(a) => {
-            sys::task_fn_from_addr::<A>(f)(a);
+            sys::fn_from_addr::<fn(A)>(f)(a);
             0
         }
         Err(e) => {

@@ -1,14 +1,17 @@
-//! File descriptors: pipes, socket pairs, reads and writes (never a
-//! `SIGPIPE`), `O_NONBLOCK`, `/dev/null` and stdio redirection, closing
+//! File descriptors: pipes, socket pairs (stream and `SOCK_SEQPACKET`),
+//! reads and writes (never a `SIGPIPE`), messages carrying fds
+//! (`SCM_RIGHTS`), `O_NONBLOCK`, `/dev/null` and stdio redirection, closing
 //! inherited fds, `flock`.
 
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::libc;
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
 
 /// `pipe2(O_CLOEXEC)`: `(read end, write end)`.
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -255,4 +258,118 @@ pub(crate) fn raw(fd: &impl AsRawFd) -> RawFd {
 /// The raw number of a borrowed fd.
 pub(crate) fn raw_of(fd: BorrowedFd<'_>) -> RawFd {
     fd.as_raw_fd()
+}
+
+/// The most fds one message carries.
+pub(crate) const MAX_FDS: usize = 4;
+
+/// A connected `AF_UNIX` `SOCK_SEQPACKET` pair with `SOCK_CLOEXEC`: message
+/// boundaries are kept, so one request is one `recvmsg`.
+pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socket::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Sends `data` and `fds` as one message (`MSG_NOSIGNAL`: a vanished peer
+/// is `EPIPE`), retried on `EINTR`.
+pub(crate) fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let iov = [IoSlice::new(data)];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    loop {
+        match socket::sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) if n == data.len() => return Ok(()),
+            Ok(_) => return Err(io::ErrorKind::WriteZero.into()),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Receives one message into `buf`: its length (0 at end of file) and the
+/// fds it carried, owned and close-on-exec. A message longer than `buf` is
+/// an error (`EMSGSIZE`), never a silent cut.
+pub(crate) fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        match socket::recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for fd in raw {
+                            // SAFETY: the kernel installed these fds in our
+                            // table for this message; nothing else owns them.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+                let truncated = msg
+                    .flags
+                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                let n = msg.bytes;
+                if truncated {
+                    return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+                }
+                return Ok((n, fds));
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `recv(MSG_DONTWAIT)`: `None` if nothing is there yet, else the bytes
+/// read (0 at end of file).
+pub(crate) fn recv_nonblocking(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        match socket::recv(sock.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => return Ok(Some(n)),
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(Errno::EINTR) => {}
+            // The server's end vanished with an error: as an end of file.
+            Err(Errno::ECONNRESET) => return Ok(Some(0)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_with_fds() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (r, w) = crate::sys::pipe().unwrap();
+        send_with_fds(a.as_fd(), b"hello", &[r.as_fd()]).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(fds.len(), 1);
+        crate::sys::write_all(w.as_fd(), b"x").unwrap();
+        let mut one = [0u8; 1];
+        assert_eq!(crate::sys::read(fds[0].as_fd(), &mut one).unwrap(), 1);
+        drop(a);
+        assert_eq!(recv_with_fds(b.as_fd(), &mut buf).unwrap().0, 0);
+    }
 }

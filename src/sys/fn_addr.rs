@@ -1,10 +1,12 @@
 //! Function addresses carried across `fork`: a forked child runs the same
 //! image at the same addresses, so a plain `fn` pointer's address names the
 //! same function there. The pool sends its task functions and trampolines
-//! to its workers this way.
+//! to its workers this way, and the fork server's callers (a fork of the
+//! same image, or the image it is a fork of) name the code its children run.
 
 use std::any::Any;
 use std::mem;
+use std::os::fd::OwnedFd;
 
 /// The signature of the pool's monomorphized trampolines: `(the user's
 /// function address, the decoded context, the raw context, the chunk's
@@ -23,6 +25,20 @@ pub(crate) type Trampoline = fn(
     Option<(&mut Vec<u8>, &mut u8)>,
 ) -> Result<bool, String>;
 
+/// The signature of a fork-server task's trampoline: `(the user's function
+/// address, the encoded argument) -> exit code`.
+pub(crate) type TaskTrampoline = fn(usize, &[u8]) -> i32;
+
+/// What a child of the fork server runs right after the fork: `(the
+/// request's payload, its fds, the server's pid) -> exit code`. The layer
+/// that asks for the child names it by address (the server is a fork of
+/// the same image), so the server knows no layer above it.
+pub(crate) type ServerRunner = fn(&[u8], Vec<OwnedFd>, u32) -> i32;
+
+/// Makes the target of a child of the fork server from its job's bytes and
+/// fds (a task, a pool worker): `(job, fds) -> target`.
+pub(crate) type JobMain = fn(&[u8], Vec<OwnedFd>) -> Box<dyn FnOnce() + Send + 'static>;
+
 mod sealed {
     pub(crate) trait Sealed {}
 }
@@ -32,17 +48,20 @@ mod sealed {
 /// code, which a fork shares with its parent.
 pub(crate) trait FnPointer: Copy + sealed::Sealed {}
 
+impl<R> sealed::Sealed for fn() -> R {}
+impl<R> FnPointer for fn() -> R {}
 impl<A, R> sealed::Sealed for fn(A) -> R {}
-
 impl<A, R> FnPointer for fn(A) -> R {}
-
 impl<C, A, R> sealed::Sealed for fn(&C, A) -> R {}
-
 impl<C, A, R> FnPointer for fn(&C, A) -> R {}
-
 impl sealed::Sealed for Trampoline {}
-
 impl FnPointer for Trampoline {}
+impl sealed::Sealed for TaskTrampoline {}
+impl FnPointer for TaskTrampoline {}
+impl sealed::Sealed for ServerRunner {}
+impl FnPointer for ServerRunner {}
+impl sealed::Sealed for JobMain {}
+impl FnPointer for JobMain {}
 
 /// The address of a function pointer, to send to a forked worker.
 pub(crate) fn fn_addr<F: FnPointer>(f: F) -> usize {
@@ -55,15 +74,17 @@ pub(crate) fn fn_addr<F: FnPointer>(f: F) -> usize {
 /// The function pointer of type `F` whose address is `addr`.
 ///
 /// Contract (crate-private): `addr` must come from [`fn_addr::<F>`] with the
-/// same `F`, in this process or in an ancestor this process is a `fork` of.
-/// The pool sends such addresses only over the private socket between its
-/// dispatcher and its own forked workers.
+/// same `F`, in this process or in a process of the same image that this
+/// one is a `fork` of or that is a `fork` of this one (no exec between:
+/// the fork server and its caller). The crate sends such addresses only
+/// over its private sockets: the pool's dispatcher to its workers, a caller
+/// to its fork server.
 pub(crate) fn fn_from_addr<F: FnPointer>(addr: usize) -> F {
     const { assert!(mem::size_of::<F>() == mem::size_of::<usize>()) };
     // SAFETY: by the contract above `addr` is the address of a function of
-    // type `F` in the parent. A worker is a fork of the parent (no exec): it
-    // runs the same executable image mapped at the same addresses, so the
-    // address names the same function here. fn pointers are never null,
+    // type `F` in a process that shares our image through fork (no exec): it
+    // runs the same executable mapped at the same addresses, so the address
+    // names the same function here. fn pointers are never null,
     // and `addr` came from one.
     unsafe { mem::transmute_copy::<usize, F>(&addr) }
 }

@@ -22,7 +22,6 @@
 mod fd;
 mod fn_addr;
 mod fork;
-mod forkserver;
 mod futex;
 mod mem;
 mod mman;
@@ -36,7 +35,6 @@ mod wait;
 pub(crate) use fd::*;
 pub(crate) use fn_addr::*;
 pub(crate) use fork::*;
-pub(crate) use forkserver::*;
 pub(crate) use futex::*;
 pub(crate) use mem::*;
 pub(crate) use mman::*;

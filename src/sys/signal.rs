@@ -261,3 +261,25 @@ pub(crate) fn reset_signals_in_child(signals: &[Signal]) {
     }
     let _ = super::unblock_all_signals();
 }
+
+/// `pidfd_send_signal(pidfd, sig)`: signals exactly the process the pidfd
+/// names. Once it has been reaped (by whoever), `ESRCH`: no recycled pid can
+/// be hit.
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: Signal) -> io::Result<()> {
+    // SAFETY: the syscall reads only its integer arguments; `info` is NULL,
+    // which the kernel documents as "like kill(2)".
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
