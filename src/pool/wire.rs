@@ -337,8 +337,20 @@ pub(crate) fn push_value<R: Serialize + DeserializeOwned>(
     match *values {
         VALUES_POSTCARD => push_ok(out, value),
         VALUES_UNDECIDED => {
-            *values = codec::fixed::round_trip_kind(value).unwrap_or(VALUES_POSTCARD);
-            push_value(out, values, value)
+            // Encode in place and check that it decodes back to exactly
+            // those bytes, as the parent will decode it (no allocation:
+            // with chunk size 1 this runs for every item).
+            let at = out.len();
+            if let Some(kind) = codec::fixed::encode(value, out) {
+                let mut written = &out[at..];
+                if codec::fixed::take::<R>(&mut written, kind).is_ok() && written.is_empty() {
+                    *values = kind;
+                    return true;
+                }
+                out.truncate(at);
+            }
+            *values = VALUES_POSTCARD;
+            push_ok(out, value)
         }
         kind => {
             let at = out.len();
