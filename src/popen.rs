@@ -108,17 +108,7 @@ impl Popen {
             mem::forget(pipe_w);
             child()
         })?;
-        let sentinel = match pipe_r {
-            Some(r) => r,
-            None => match sys::pidfd_open(pid) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    let _ = sys::send_signal(pid, Sig::SIGKILL);
-                    let _ = sys::wait_blocking(pid);
-                    return Err(e.into());
-                }
-            },
-        };
+        let sentinel = sentinel_of(pid, pipe_r)?;
         Ok(Popen {
             pid,
             sentinel,
@@ -163,17 +153,7 @@ impl Popen {
             return Ok(None);
         };
         drop(pipe_w);
-        let sentinel = match pipe_r {
-            Some(r) => r,
-            None => match sys::pidfd_open(pid) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    let _ = sys::send_signal(pid, Sig::SIGKILL);
-                    let _ = sys::wait_blocking(pid);
-                    return Err(e.into());
-                }
-            },
-        };
+        let sentinel = sentinel_of(pid, pipe_r)?;
         Ok(Some(Popen {
             pid,
             sentinel,
@@ -341,6 +321,20 @@ impl Popen {
     /// epoll, mio or tokio's `AsyncFd`; see also [`wait`](crate::wait).
     pub fn sentinel(&self) -> BorrowedFd<'_> {
         self.sentinel.as_fd()
+    }
+}
+
+/// The sentinel of a child just forked: the read end of its pipe (kernels
+/// without pidfds), or its pidfd. If no pidfd can be opened the child is
+/// killed and reaped before the error is returned: no zombie.
+fn sentinel_of(pid: Pid, pipe_r: Option<OwnedFd>) -> Result<OwnedFd> {
+    match pipe_r {
+        Some(r) => Ok(r),
+        None => sys::pidfd_open(pid).map_err(|e| {
+            let _ = sys::send_signal(pid, Sig::SIGKILL);
+            let _ = sys::wait_blocking(pid);
+            e.into()
+        }),
     }
 }
 
