@@ -56,9 +56,12 @@
 //!   (`Serialize`, `Deserialize`) never runs under the lock.
 //!
 //! Measured (`benches/queue.rs` against `benches/python/queue.py`, same
-//! sitting, 2 busy cores): 1 producer → 1 consumer, `u64`: ~5.0 M msgs/s
-//! (Python ~46 k); 4 × 4 processes: ~4.3 M msgs/s (Python ~67 k); 1 MiB
-//! `serde_bytes` messages: ~2.4 GB/s (Python ~0.63 GB/s).
+//! sitting, 2 cores shared with other work; medians swing 2x between
+//! sittings): 1 producer → 1 consumer, `u64`: 2.0 M msgs/s (Python 63 k);
+//! 4 × 4 processes: 3.4 M msgs/s (Python 91 k); 1 MiB `serde_bytes`
+//! messages: 2.2 GB/s (Python 0.37 GB/s). The last is bimodal: when the
+//! producer runs ahead, the ring grows into fresh pages (allocated and
+//! zeroed by the kernel) and the rate drops towards 0.7 GB/s.
 //!
 //! Limits: one message's payload is at most
 //! [`DEFAULT_MAX_FRAME_LEN`](crate::DEFAULT_MAX_FRAME_LEN) (1 GiB); an
