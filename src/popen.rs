@@ -91,13 +91,7 @@ impl Popen {
     /// Forks a child that runs `child`; the closure's value is the exit code.
     /// No panic handling: callers wrap `child` themselves.
     pub(crate) fn fork_raw<F: FnOnce() -> i32>(child: F) -> Result<Popen> {
-        let use_pidfd = sys::pidfd_supported();
-        let (pipe_r, pipe_w) = if use_pidfd {
-            (None, None)
-        } else {
-            let (r, w) = sys::pipe()?;
-            (Some(r), Some(w))
-        };
+        let (use_pidfd, pipe_r, pipe_w) = sentinel_pipe()?;
         let read_raw = pipe_r.as_ref().map(sys::raw);
         let pid = sys::fork_child(move || {
             // Child: keep the sentinel's write end open until `_exit` (its
@@ -139,13 +133,7 @@ impl Popen {
     /// program (see `sys::fork_returning`): `Ok(None)` in the child, the
     /// child's `Popen` in the parent. The supervisor's fork site.
     pub(crate) fn fork_program() -> Result<Option<Popen>> {
-        let use_pidfd = sys::pidfd_supported();
-        let (pipe_r, pipe_w) = if use_pidfd {
-            (None, None)
-        } else {
-            let (r, w) = sys::pipe()?;
-            (Some(r), Some(w))
-        };
+        let (use_pidfd, pipe_r, pipe_w) = sentinel_pipe()?;
         let Some(pid) = sys::fork_returning()? else {
             // Child: the sentinel's write end stays open until we exit.
             drop(pipe_r);
@@ -322,6 +310,18 @@ impl Popen {
     pub fn sentinel(&self) -> BorrowedFd<'_> {
         self.sentinel.as_fd()
     }
+}
+
+/// Before a fork: whether the child's sentinel will be a pidfd, else the
+/// two ends of its sentinel pipe (kernels without pidfds; the child keeps
+/// the write end open until it exits).
+#[allow(clippy::type_complexity)]
+fn sentinel_pipe() -> Result<(bool, Option<OwnedFd>, Option<OwnedFd>)> {
+    if sys::pidfd_supported() {
+        return Ok((true, None, None));
+    }
+    let (r, w) = sys::pipe()?;
+    Ok((false, Some(r), Some(w)))
 }
 
 /// The sentinel of a child just forked: the read end of its pipe (kernels

@@ -7,24 +7,12 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Reaped, DEADLINE};
-use multiproc::{pipe, spawn, JoinableQueue, Process, Queue};
+use common::{exit_code, start, DEADLINE};
+use multiproc::{pipe, spawn, JoinableQueue, Queue};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 const MIB: usize = 1 << 20;
-
-fn started(f: impl FnOnce() + Send + 'static) -> Reaped {
-    let mut p = Process::new(f);
-    p.start().unwrap();
-    Reaped(p)
-}
-
-fn exit_code(p: &Reaped) -> i32 {
-    p.join_timeout(DEADLINE)
-        .unwrap()
-        .expect("child did not exit in time")
-}
 
 /// A cheap pseudo-random sequence (xorshift), seeded from the clock.
 struct Rng(u64);
@@ -50,7 +38,7 @@ fn one_producer_one_consumer_in_order() {
     const N: u64 = 20_000;
     let q = Queue::<(u64, String)>::new().unwrap();
     let tx = q.clone();
-    let producer = started(move || {
+    let producer = start(move || {
         for i in 0..N {
             tx.put(&(i, format!("message {i}"))).unwrap();
         }
@@ -58,7 +46,7 @@ fn one_producer_one_consumer_in_order() {
     let rx = q.clone();
     // The consumer's verdict is its exit code: 0 if every message came
     // whole and in order.
-    let consumer = started(move || {
+    let consumer = start(move || {
         for i in 0..N {
             let (n, text) = rx.get_timeout(DEADLINE).unwrap().expect("no message");
             if n != i || text != format!("message {i}") {
@@ -102,7 +90,7 @@ fn four_producers_four_consumers_exactly_once() {
     let producers: Vec<_> = (0..P)
         .map(|p| {
             let q = q.clone();
-            started(move || {
+            start(move || {
                 for seq in 0..PER {
                     q.put(&Some((p, seq))).unwrap();
                 }
@@ -161,7 +149,7 @@ fn producer_killed_mid_put_corrupts_nothing() {
     let mut received = 0;
     for round in 0..6u64 {
         let tx = q.clone();
-        let producer = started(move || {
+        let producer = start(move || {
             for i in 0.. {
                 tx.put(&Big::new(round * 1_000_000 + i, LEN)).unwrap();
             }
@@ -210,7 +198,7 @@ fn consumer_killed_mid_get_leaves_the_rest_whole() {
         }
         let (mut tx, mut rx) = pipe().unwrap();
         let cq = q.clone();
-        let consumer = started(move || {
+        let consumer = start(move || {
             tx.send(&u64::MAX).unwrap();
             while let Some(m) = cq.try_get().unwrap() {
                 tx.send(&if m.is_whole(LEN) { m.seq } else { u64::MAX - 1 })
@@ -264,7 +252,7 @@ fn consumer_killed_while_waiting_loses_nothing() {
     for _ in 0..3 {
         let (mut ready_tx, mut ready_rx) = pipe().unwrap();
         let rx = q.clone();
-        let p = started(move || {
+        let p = start(move || {
             ready_tx.send(&()).unwrap();
             // Got a message: that would be a loss; say so in the exit code.
             if rx.get().is_ok() {
@@ -291,7 +279,7 @@ fn consumer_killed_while_waiting_loses_nothing() {
     // A live consumer still gets woken by a put from another process.
     let (mut ready_tx, mut ready_rx) = pipe().unwrap();
     let rx = q.clone();
-    let consumer = started(move || {
+    let consumer = start(move || {
         ready_tx.send(&()).unwrap();
         let v = rx.get_timeout(DEADLINE).unwrap();
         multiproc::exit(if v == Some(99) { 0 } else { 1 });
@@ -299,7 +287,7 @@ fn consumer_killed_while_waiting_loses_nothing() {
     ready_rx.recv_timeout::<()>(DEADLINE).unwrap().unwrap();
     wait_until_sleeping(consumer.pid().unwrap());
     let tx = q.clone();
-    let producer = started(move || tx.put(&99).unwrap());
+    let producer = start(move || tx.put(&99).unwrap());
     assert_eq!(exit_code(&producer), 0);
     assert_eq!(exit_code(&consumer), 0);
 }
@@ -308,13 +296,13 @@ fn consumer_killed_while_waiting_loses_nothing() {
 fn a_producer_that_exits_right_after_put_is_delivered() {
     let q = Queue::<String>::new().unwrap();
     let tx = q.clone();
-    let producer = started(move || tx.put(&"last words".to_string()).unwrap());
+    let producer = start(move || tx.put(&"last words".to_string()).unwrap());
     // Joined before anyone reads: the message is already in the queue.
     assert_eq!(exit_code(&producer), 0);
     assert_eq!(q.try_get().unwrap().as_deref(), Some("last words"));
 
     let tx = q.clone();
-    let producer = started(move || {
+    let producer = start(move || {
         tx.put(&"killed right after".to_string()).unwrap();
         nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL).unwrap();
     });
@@ -328,7 +316,7 @@ fn joining_a_producer_never_waits_for_a_consumer() {
     // this join wait for a reader; here the producer exits at once.
     let q = Queue::<ByteBuf>::new().unwrap();
     let tx = q.clone();
-    let producer = started(move || {
+    let producer = start(move || {
         for i in 0..256u32 {
             tx.put(&ByteBuf::from(vec![i as u8; 256 * 1024])).unwrap();
         }
@@ -346,7 +334,7 @@ fn joining_a_producer_never_waits_for_a_consumer() {
 fn messages_of_0_bytes_1_mib_and_64_mib() {
     let units = Queue::<()>::new().unwrap();
     let tx = units.clone();
-    let p = started(move || {
+    let p = start(move || {
         for _ in 0..1000 {
             tx.put(&()).unwrap();
         }
@@ -360,7 +348,7 @@ fn messages_of_0_bytes_1_mib_and_64_mib() {
 
     let q = Queue::<Big>::new().unwrap();
     let tx = q.clone();
-    let p = started(move || {
+    let p = start(move || {
         for (seq, len) in [(1, MIB), (2, 64 * MIB), (3, MIB), (4, 0)] {
             tx.put(&Big::new(seq, len)).unwrap();
         }
@@ -388,7 +376,7 @@ fn bounded_blocks_while_full_and_unblocks_on_get() {
     // A child blocks in put until the parent takes one.
     let (mut ready_tx, mut ready_rx) = pipe().unwrap();
     let tx = q.clone();
-    let producer = started(move || {
+    let producer = start(move || {
         ready_tx.send(&()).unwrap();
         tx.put(&3).unwrap();
     });
@@ -420,7 +408,7 @@ fn timeouts_try_get_len_and_is_empty() {
     assert!(q.is_empty());
     // A get waiting in a child is served by the parent's put.
     let rx = q.clone();
-    let consumer = started(move || {
+    let consumer = start(move || {
         let v = rx.get_timeout(DEADLINE).unwrap();
         multiproc::exit(i32::from(v.unwrap_or(0)));
     });
@@ -443,7 +431,7 @@ fn joinable_queue_across_processes() {
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let (q, done) = (q.clone(), done.clone());
-            started(move || {
+            start(move || {
                 while let Some(i) = q.get_timeout(DEADLINE).unwrap().flatten() {
                     done.put(&i).unwrap();
                     q.task_done().unwrap();
@@ -480,7 +468,7 @@ fn join_in_a_child_waits_for_the_parent_s_task_done() {
     q.put(&1).unwrap();
     let (mut ready_tx, mut ready_rx) = pipe().unwrap();
     let jq = q.clone();
-    let joiner = started(move || {
+    let joiner = start(move || {
         ready_tx.send(&()).unwrap();
         let ok = jq.join_timeout(DEADLINE).unwrap();
         multiproc::exit(if ok { 0 } else { 1 });
@@ -496,7 +484,7 @@ fn join_in_a_child_waits_for_the_parent_s_task_done() {
 fn a_tight_address_space_limit_gets_a_smaller_queue() {
     // In a child: address space for what it has plus 1.5 GiB, so the 8, 4 and
     // 2 GiB reserves are refused and the queue falls back to 256 MiB.
-    let p = started(|| {
+    let p = start(|| {
         use nix::sys::resource::{setrlimit, Resource};
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let vm_kib: u64 = status

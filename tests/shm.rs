@@ -4,20 +4,8 @@ mod common;
 
 use std::io::ErrorKind;
 
-use common::{Reaped, DEADLINE};
-use multiproc::{Process, SharedMemory};
-
-fn start(f: impl FnOnce() + Send + 'static) -> Reaped {
-    let mut p = Process::new(f);
-    p.start().expect("start child");
-    Reaped(p)
-}
-
-fn exit_code(p: &Reaped) -> i32 {
-    p.join_timeout(DEADLINE)
-        .expect("join")
-        .expect("child did not exit in time")
-}
+use common::{exit_code, start};
+use multiproc::SharedMemory;
 
 fn kind(e: multiproc::Error) -> ErrorKind {
     std::io::Error::from(e).kind()

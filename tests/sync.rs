@@ -4,22 +4,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Reaped, DEADLINE};
-use multiproc::{pipe, Array, Barrier, Connection, Event, Lock, Process, RLock, Semaphore, Value};
-
-/// Starts `f` in a child, killed and reaped when the handle drops.
-fn start(f: impl FnOnce() + Send + 'static) -> Reaped {
-    let mut p = Process::new(f);
-    p.start().expect("start child");
-    Reaped(p)
-}
-
-/// The child's exit code, within the deadline.
-fn exit_code(p: &Reaped) -> i32 {
-    p.join_timeout(DEADLINE)
-        .expect("join")
-        .expect("child did not exit in time")
-}
+use common::{exit_code, start, Reaped, DEADLINE};
+use multiproc::{pipe, Array, Barrier, Connection, Event, Lock, RLock, Semaphore, Value};
 
 /// Receives one message from the peer, within the deadline.
 fn recv<T: serde::de::DeserializeOwned>(c: &mut Connection) -> T {

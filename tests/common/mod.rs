@@ -21,6 +21,20 @@ impl Drop for Reaped {
     }
 }
 
+/// Starts `f` in a child, killed and reaped when the handle drops.
+pub fn start(f: impl FnOnce() + Send + 'static) -> Reaped {
+    let mut p = multiproc::Process::new(f);
+    p.start().expect("start child");
+    Reaped(p)
+}
+
+/// The child's exit code, within [`DEADLINE`].
+pub fn exit_code(p: &Reaped) -> i32 {
+    p.join_timeout(DEADLINE)
+        .expect("join")
+        .expect("child did not exit in time")
+}
+
 impl std::ops::Deref for Reaped {
     type Target = multiproc::Process;
     fn deref(&self) -> &multiproc::Process {
