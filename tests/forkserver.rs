@@ -377,7 +377,15 @@ fn no_fd_leaks() {
         .unwrap();
     assert_eq!(pool.map(|x: u8| x, 0..10u8).unwrap().len(), 10);
     drop(pool);
-    assert_eq!(common::fd_count(), before);
+    // `before` may still count the fds of the previous test's dropped
+    // children, which the reaper thread lets go of a moment later (seen once
+    // in 20 runs: 14 then 10): no more fds than before, within the deadline.
+    // A leak of these 50 children (2 fds each) would still show.
+    assert!(
+        common::eventually(DEADLINE, || common::fd_count() <= before),
+        "fds: {} now, {before} before",
+        common::fd_count()
+    );
     let server = forkserver::server_pid().unwrap();
     assert!(common::eventually(DEADLINE, || common::live_children_of(
         server
