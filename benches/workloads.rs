@@ -115,6 +115,25 @@ fn w3(pool: &Pool, reps: usize) {
     }
     emit("W3", "map_payload_args_distinct", "MB_per_s", &args, 1);
     emit("W3", "map_payload_results", "MB_per_s", &back, 1);
+    // 8 arguments of 64 MiB, distinct.
+    const BIG: usize = 64 * MIB;
+    let big: Vec<ByteBuf> = (0..8).map(|i| ByteBuf::from(vec![i as u8; BIG])).collect();
+    let mut args64 = Vec::new();
+    for _ in 0..reps {
+        let input = big.clone();
+        let t0 = Instant::now();
+        let r = pool.map(length, input).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        assert!(r.iter().all(|&n| n == BIG));
+        args64.push((8 * BIG) as f64 / 1e6 / dt);
+    }
+    emit(
+        "W3",
+        "map_payload_args_distinct_64MiB",
+        "MB_per_s",
+        &args64,
+        1,
+    );
 }
 
 fn w4(pool: &Pool, reps: usize) {
@@ -174,12 +193,29 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5);
-    w1(reps);
+    // Other words pick workloads (`-- w2 w3`); none: all of them.
+    let picked: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.starts_with('w') || a.starts_with('W'))
+        .map(|a| a.to_lowercase())
+        .collect();
+    let run = |w: &str| picked.is_empty() || picked.iter().any(|p| p == w);
+    if run("w1") {
+        w1(reps);
+    }
     let pool = Pool::new(2).unwrap();
-    w2(&pool, reps);
-    w2_lifecycle(reps);
-    w3(&pool, reps);
-    w4(&pool, reps);
+    if run("w2") {
+        w2(&pool, reps);
+        w2_lifecycle(reps);
+    }
+    if run("w3") {
+        w3(&pool, reps);
+    }
+    if run("w4") {
+        w4(&pool, reps);
+    }
     drop(pool);
-    w5(reps.clamp(1, 3));
+    if run("w5") {
+        w5(reps.clamp(1, 3));
+    }
 }

@@ -69,6 +69,62 @@ pub(crate) fn encode_frame<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) 
     Ok(())
 }
 
+/// A postcard flavor that only counts, and stops once `cap` is reached.
+struct CappedSize {
+    len: usize,
+    cap: usize,
+}
+
+impl postcard::ser_flavors::Flavor for CappedSize {
+    type Output = usize;
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.len += data.len();
+        if self.len >= self.cap {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, _: u8) -> postcard::Result<()> {
+        self.len += 1;
+        if self.len >= self.cap {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<usize> {
+        Ok(self.len)
+    }
+}
+
+/// Whether `value` encodes to at least `cap` bytes, without encoding it (a
+/// counting pass that stops at `cap`). A value that cannot be encoded
+/// answers `false`: the caller's ordinary encode reports the error.
+#[inline]
+pub(crate) fn encodes_to_at_least<T: Serialize + ?Sized>(value: &T, cap: usize) -> bool {
+    matches!(
+        postcard::serialize_with_flavor::<T, _, usize>(value, CappedSize { len: 0, cap }),
+        Err(postcard::Error::SerializeBufferFull)
+    )
+}
+
+/// The exact length of `value`'s encoding (a counting pass).
+pub(crate) fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize> {
+    postcard::experimental::serialized_size(value)
+        .map_err(|e| CodecError::new(CodecErrorKind::Encode(e.to_string())).into())
+}
+
+/// Encodes `value` into the front of `buf`; the number of bytes written.
+pub(crate) fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut [u8]) -> Result<usize> {
+    postcard::to_slice(value, buf)
+        .map(|b| b.len())
+        .map_err(|e| CodecError::new(CodecErrorKind::Encode(e.to_string())).into())
+}
+
 /// Appends the encoding of `value` to `out`, without a frame header (the
 /// pool packs many values into one frame).
 pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<()> {

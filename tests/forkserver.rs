@@ -74,6 +74,7 @@ fn main() {
             pool_survives_a_crashing_item,
         ),
         ("pool_task_timeout", pool_task_timeout),
+        ("pool_large_payloads", pool_large_payloads),
         ("pool_reuses_its_counters", pool_reuses_its_counters),
         (
             "pools_past_the_arena_are_an_error",
@@ -436,6 +437,41 @@ fn pool_task_timeout() {
     );
     assert!(matches!(r, Err(Error::Timeout)), "{r:?}");
     assert_eq!(pool.apply(|x: u32| x * 3, 3).unwrap(), 9);
+}
+
+/// Large items and results reach the fork server's workers through the
+/// memfds they map (they inherit no mapping of the caller's), both ways,
+/// and across a crashed worker's replacement.
+fn pool_large_payloads() {
+    use serde_bytes::ByteBuf;
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(FS)
+        .build()
+        .unwrap();
+    let items: Vec<ByteBuf> = (0..6u8)
+        .map(|i| ByteBuf::from(vec![i; (1 << 20) + i as usize]))
+        .collect();
+    let lens = pool
+        .map(
+            |v: ByteBuf| (v.len(), v.iter().all(|&x| x == v[0])),
+            items.clone(),
+        )
+        .unwrap();
+    assert!(lens
+        .iter()
+        .zip(&items)
+        .all(|(&(n, same), v)| n == v.len() && same));
+    let back = pool.map(|v: ByteBuf| v, items.clone()).unwrap();
+    assert!(back == items);
+    let r = pool.apply(abort_now_u8, ());
+    assert!(matches!(r, Err(Error::Died { .. })), "{r:?}");
+    let back = pool.map(|v: ByteBuf| v, items.clone()).unwrap();
+    assert!(back == items, "after a replacement");
+}
+
+fn abort_now_u8(_: ()) -> u8 {
+    std::process::abort()
 }
 
 fn pools_past_the_arena_are_an_error() {

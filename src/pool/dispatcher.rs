@@ -14,9 +14,11 @@ use crossbeam_channel::{Receiver, TryRecvError};
 
 use super::jobs::JobTable;
 use super::ledger::{self, Ledger};
+use super::payload::{ArgsArena, Payload, ResultRegion, SharedResults};
 use super::protocol::{Command, JobMsg, PoolFailure, Wake};
+use super::start::SharedFds;
 use super::wire::{self, FromWorker};
-use super::worker::WorkerSpec;
+use super::worker::{ArgsMap, WorkerSpec};
 use crate::codec::{Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
 use crate::error::{Error, Result};
 use crate::popen::{self, Popen};
@@ -45,6 +47,11 @@ pub(crate) struct Config {
     pub(crate) max_tasks_per_child: Option<usize>,
     pub(crate) task_timeout: Option<Duration>,
     pub(crate) start_method: crate::StartMethod,
+    /// The pool's arena of large arguments (none: they cross the sockets).
+    pub(crate) arena: Option<Arc<ArgsArena>>,
+    /// Each worker gets a region for large results (else they cross the
+    /// sockets).
+    pub(crate) shared_results: bool,
 }
 
 /// Bytes queued for a worker's socket, written as it takes them.
@@ -92,6 +99,9 @@ struct Fate {
 
 struct Worker {
     process: Process,
+    /// Its region of large results (dropped with the worker; unmapped
+    /// once no caller holds a result in it).
+    region: Option<Arc<ResultRegion>>,
     pid: u32,
     sock: OwnedFd,
     reader: FrameReader,
@@ -184,11 +194,20 @@ impl Dispatcher {
         p.finished.store(0, Ordering::Relaxed);
         let (parent_end, child_end) = sys::socket_pair(SOCKET_BUFFER)?;
         sys::set_nonblocking(parent_end.as_fd())?;
+        let (region, region_fd) = if self.cfg.shared_results {
+            let (r, fd) = ResultRegion::new()?;
+            (Some(Arc::new(r)), Some(fd))
+        } else {
+            (None, None)
+        };
         let mut close = vec![
             sys::raw(&parent_end),
             sys::raw(&self.wake_r),
             sys::raw(self.wake.fd()),
         ];
+        // A forked worker has the mappings; the fds it inherits go.
+        close.extend(self.cfg.arena.as_ref().map(|a| sys::raw_of(a.fd())));
+        close.extend(region_fd.as_ref().map(sys::raw));
         for w in self.workers.iter().flatten() {
             close.push(sys::raw(&w.sock));
             if let Some(s) = w.process.sentinel() {
@@ -201,14 +220,30 @@ impl Dispatcher {
             progress: Arc::clone(&self.progress),
             slot,
             initializer: self.cfg.initializer,
+            args: self.cfg.arena.clone().map(ArgsMap::Inherited),
+            region: region.clone(),
+        };
+        let fds = match self.cfg.start_method {
+            crate::StartMethod::Fork => SharedFds {
+                args: None,
+                region: None,
+            },
+            crate::StartMethod::ForkServer => SharedFds {
+                args: match &self.cfg.arena {
+                    Some(a) => Some(a.fd().try_clone_to_owned()?),
+                    None => None,
+                },
+                region: region_fd,
+            },
         };
         let name = format!("PoolWorker-{}", self.next_name);
         self.next_name += 1;
-        let process = super::start::start_worker(self.cfg.start_method, spec, name)?;
+        let process = super::start::start_worker(self.cfg.start_method, spec, name, fds)?;
         let pid = process.pid().expect("a started process has a pid");
         let now = Instant::now();
         self.workers[slot] = Some(Worker {
             process,
+            region,
             pid,
             sock: parent_end,
             reader: FrameReader::new(DEFAULT_MAX_FRAME_LEN, true),
@@ -413,7 +448,13 @@ impl Dispatcher {
                     chunk.start,
                     chunk.end,
                     chunk.kind,
-                    &chunk.items,
+                    match &*chunk.items {
+                        Payload::Inline(b) => wire::Items::Inline(b),
+                        Payload::Arena(b) => wire::Items::Shared {
+                            offset: b.offset() as u64,
+                            len: b.len() as u64,
+                        },
+                    },
                 );
                 if w.ledger.is_empty() {
                     w.last_done = now;
@@ -644,6 +685,24 @@ fn frames(w: &mut Worker, jobs: &mut JobTable, chunk_secs: &mut f64) -> Option<P
                 kind,
                 entries,
             } => {
+                let (entries, ranges) = match wire::split_shared(entries) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        w.fault(PoolFailure::Protocol(e.to_string()));
+                        return None;
+                    }
+                };
+                let shared = match (&w.region, ranges.is_empty()) {
+                    (_, true) => None,
+                    (Some(region), false) if ranges.iter().all(|&(o, l)| region.check(o, l)) => {
+                        let ranges = ranges.iter().map(|&(o, l)| (o as usize, l as usize));
+                        Some(SharedResults::new(Arc::clone(region), ranges.collect()))
+                    }
+                    _ => {
+                        w.fault(PoolFailure::protocol("a large result outside the region"));
+                        return None;
+                    }
+                };
                 let r = match w.ledger.report(chunk, start, count) {
                     Ok(r) => r,
                     Err(what) => {
@@ -659,6 +718,7 @@ fn frames(w: &mut Worker, jobs: &mut JobTable, chunk_secs: &mut f64) -> Option<P
                         count,
                         kind,
                         bytes: entries.to_vec(),
+                        shared,
                     },
                 );
                 if r.completes {

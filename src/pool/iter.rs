@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::payload::{ArenaBlock, Payload};
 use super::protocol::JobMsg;
 use super::result::{decode_results, replicate, ItemFormat, JobHandle};
 use crate::error::{Error, Result};
@@ -19,11 +20,35 @@ const WINDOW_PER_WORKER: usize = 4;
 /// An adaptive chunk aims at this much work per worker.
 const CHUNK_TARGET_SECS: f64 = 0.002;
 
-/// Encodes up to `n` items into the buffer: `(count, an item that failed to
-/// encode right after them, input exhausted)`.
-/// Encodes up to `n` items into the buffer: `(count, kind of the chunk,
-/// an item that could not be encoded, input exhausted)`.
-type Produce<'a> = Box<dyn FnMut(&mut Vec<u8>, usize) -> (u32, u8, Option<Error>, bool) + 'a>;
+/// Encodes up to `n` items into the buffer (or one large item into the
+/// pool's arena).
+type Produce<'a> = Box<dyn FnMut(&JobHandle, &mut Vec<u8>, usize) -> Produced + 'a>;
+
+/// What one call of a [`Produce`] made.
+struct Produced {
+    /// Items encoded.
+    count: u32,
+    /// Their fixed-width kind (0: postcard).
+    kind: u8,
+    /// An item that could not be encoded, right after them.
+    bad: Option<Error>,
+    /// The input is exhausted.
+    end: bool,
+    /// The chunk is this one large item, not the buffer.
+    block: Option<ArenaBlock>,
+}
+
+impl Produced {
+    fn items(count: u32, kind: u8, bad: Option<Error>, end: bool) -> Produced {
+        Produced {
+            count,
+            kind,
+            bad,
+            end,
+            block: None,
+        }
+    }
+}
 
 /// Pulls the input lazily and keeps a bounded window of chunks in flight.
 struct Feeder<'a> {
@@ -58,7 +83,15 @@ impl<'a> Feeder<'a> {
         // encoded in postcard: the next chunk's first (no `T` is kept, so
         // `T` need not outlive the iterator).
         let mut pending: Option<Vec<u8>> = None;
-        let produce: Produce<'a> = Box::new(move |buf: &mut Vec<u8>, n: usize| {
+        // A large item met after others: the next chunk.
+        let mut pending_block: Option<ArenaBlock> = None;
+        let produce: Produce<'a> = Box::new(move |job: &JobHandle, buf: &mut Vec<u8>, n: usize| {
+            if let Some(b) = pending_block.take() {
+                return Produced {
+                    block: Some(b),
+                    ..Produced::items(1, 0, None, false)
+                };
+            }
             let mut count = 0u32;
             if let Some(first) = pending.take() {
                 buf.extend_from_slice(&first);
@@ -67,8 +100,22 @@ impl<'a> Feeder<'a> {
             let mut kind = format.kind();
             while (count as usize) < n {
                 let Some(item) = items.next() else {
-                    return (count, kind, None, true);
+                    return Produced::items(count, kind, None, true);
                 };
+                match job.large_item(&mut format, &item) {
+                    Ok(Some(b)) if count == 0 => {
+                        return Produced {
+                            block: Some(b),
+                            ..Produced::items(1, 0, None, false)
+                        };
+                    }
+                    Ok(Some(b)) => {
+                        pending_block = Some(b);
+                        return Produced::items(count, kind, None, false);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Produced::items(count, kind, Some(e), false),
+                }
                 match format.encode(&item, buf) {
                     Ok(true) => {}
                     Ok(false) => {
@@ -76,20 +123,20 @@ impl<'a> Feeder<'a> {
                         // or this one if it is still empty.
                         let mut alone = Vec::new();
                         if let Err(e) = format.encode(&item, &mut alone) {
-                            return (count, kind, Some(e), false);
+                            return Produced::items(count, kind, Some(e), false);
                         }
                         if count > 0 {
                             pending = Some(alone);
-                            return (count, kind, None, false);
+                            return Produced::items(count, kind, None, false);
                         }
                         buf.extend_from_slice(&alone);
                     }
-                    Err(e) => return (count, kind, Some(e), false),
+                    Err(e) => return Produced::items(count, kind, Some(e), false),
                 }
                 kind = format.kind();
                 count += 1;
             }
-            (count, kind, None, false)
+            Produced::items(count, kind, None, false)
         });
         let (job, err) = match job {
             Ok(j) => (Some(j), None),
@@ -133,9 +180,19 @@ impl<'a> Feeder<'a> {
             }
             let job = self.job.as_ref().expect("a live feeder has a job");
             let mut buf = Vec::new();
-            let (count, kind, bad, end) = (self.produce)(&mut buf, size);
+            let Produced {
+                count,
+                kind,
+                bad,
+                end,
+                block,
+            } = (self.produce)(job, &mut buf, size);
             if count > 0 {
-                job.submit(self.submitted, count, kind, buf)?;
+                let items = match block {
+                    Some(b) => Payload::Arena(b),
+                    None => buf.into(),
+                };
+                job.submit(self.submitted, count, kind, items)?;
                 self.submitted += u64::from(count);
             }
             if let Some(e) = bad {
@@ -168,9 +225,10 @@ impl<'a> Feeder<'a> {
                 count,
                 kind,
                 bytes,
+                shared,
             }) => {
                 self.received += u64::from(count);
-                decode_results::<R>(base, count, kind, &bytes, put);
+                decode_results::<R>(base, count, kind, &bytes, shared.as_ref(), put);
                 Ok(())
             }
             Some(JobMsg::Failed { index, error }) => {

@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::mailbox::MailSender;
+use super::payload::Payload;
 use super::protocol::{JobMsg, TaskRef};
 use crate::error::Error;
 
@@ -19,7 +20,7 @@ pub(crate) struct Chunk {
     pub(crate) job: u64,
     /// Job index of item 0 of `items`.
     pub(crate) base: u64,
-    pub(crate) items: Arc<Vec<u8>>,
+    pub(crate) items: Arc<Payload>,
     pub(crate) start: u32,
     pub(crate) end: u32,
     /// The items' fixed-width kind (`codec::fixed`), 0 for postcard.
@@ -79,7 +80,7 @@ impl JobTable {
 
     /// Queues items `base..base + count` of `job` (dropped if the job is
     /// unknown or ended).
-    pub(crate) fn queue(&mut self, job: u64, base: u64, count: u32, kind: u8, items: Vec<u8>) {
+    pub(crate) fn queue(&mut self, job: u64, base: u64, count: u32, kind: u8, items: Payload) {
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
         };
@@ -240,8 +241,8 @@ mod tests {
     #[test]
     fn a_job_is_finished_once_sealed_with_no_chunk_left() {
         let (mut t, _rx) = table_with_job(7);
-        t.queue(7, 0, 10, 0, vec![0; 10]);
-        t.queue(7, 10, 5, 0, vec![0; 5]);
+        t.queue(7, 0, 10, 0, vec![0; 10].into());
+        t.queue(7, 10, 5, 0, vec![0; 5].into());
         t.seal(7);
         assert!(t.take_finished().is_empty());
         let a = t.pop().unwrap();
@@ -258,7 +259,7 @@ mod tests {
     #[test]
     fn split_and_requeue_keep_the_count() {
         let (mut t, _rx) = table_with_job(1);
-        t.queue(1, 0, 10, 0, vec![0; 10]);
+        t.queue(1, 0, 10, 0, vec![0; 10].into());
         t.seal(1);
         let mut c = t.pop().unwrap();
         t.split(&mut c, 4);
@@ -284,8 +285,8 @@ mod tests {
         let (mut t, _rx) = table_with_job(1);
         let (tx2, rx2) = mailbox();
         t.add(2, tx2, TASK, Some(vec![9]));
-        t.queue(1, 0, 3, 0, vec![0; 3]);
-        t.queue(2, 0, 3, 0, vec![0; 3]);
+        t.queue(1, 0, 3, 0, vec![0; 3].into());
+        t.queue(2, 0, 3, 0, vec![0; 3].into());
         let in_flight = t.pop().unwrap();
         assert_eq!(in_flight.job, 1);
         t.end(2);

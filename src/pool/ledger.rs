@@ -165,7 +165,7 @@ mod tests {
             id,
             job,
             base,
-            items: Arc::new(Vec::new()),
+            items: Arc::new(Vec::new().into()),
             start,
             end,
             kind: 0,

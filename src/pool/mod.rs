@@ -33,11 +33,27 @@
 //! | direction | message | fields |
 //! | --- | --- | --- |
 //! | → worker | `Chunk` | chunk id, job id, fn address, trampoline address, `start`, `end`, the chunk's items |
+//! | → worker | `SharedChunk` | as `Chunk`, with the offset and length of its one large item in the pool's arena in place of the items |
 //! | → worker | `Context` | job id, encoded context (`map_with`; once per worker and job) |
 //! | → worker | `Forget` | job id (drop its context) |
 //! | → worker | `Exit` | — (finish and exit: close, or `max_tasks_per_child`) |
 //! | ← worker | `Results` | chunk id, first item, count, entries (status byte + encoded `R`, panic report or message) |
 //! | ← worker | `InitFailed` | the initializer's panic message |
+//!
+//! ## Large payloads
+//!
+//! An item whose encoding reaches 64 KiB is encoded straight into the
+//! pool's arena of arguments (a memfd mapped before the workers exist, so
+//! they inherit it; the fork server's workers map its fd) and travels as a
+//! chunk of its own: a `SharedChunk` carries its offset, the worker decodes
+//! in place. A result of 64 KiB or more is encoded by the worker straight
+//! into its own results region (another memfd, made with the worker and
+//! dropped with it) and its entry names `(offset, length)` in a trailer of
+//! the results frame; the caller decodes in place and frees the blocks
+//! (also when the result is dropped unread). A worker that dies in the
+//! middle of a result never reported it, and its replacement gets a fresh
+//! region. When the arena or the region has no room, the payload crosses
+//! the socket as a small one does. See `payload.rs`.
 //!
 //! A chunk sent again after a crash keeps its bytes: the worker decodes and
 //! skips the first `start` items. A worker runs chunks in the order received
@@ -90,6 +106,7 @@ mod iter;
 mod jobs;
 mod ledger;
 mod mailbox;
+mod payload;
 mod protocol;
 mod result;
 mod start;
@@ -114,6 +131,7 @@ pub use iter::{Imap, ImapUnordered};
 use protocol::{Command, TaskRef, Wake};
 pub use result::AsyncResult;
 use result::{All, Chunker, Gather, JobHandle, One};
+pub(crate) use wire::Sink;
 
 /// What the pool's handles share with each other and with the iterators.
 pub(crate) struct Inner {
@@ -123,6 +141,8 @@ pub(crate) struct Inner {
     next_job: AtomicU64,
     processes: usize,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
+    /// Where large items are encoded (see `payload`).
+    arena: Option<Arc<payload::ArgsArena>>,
 }
 
 impl Inner {
@@ -291,7 +311,10 @@ impl PoolBuilder {
         } else {
             self.processes
         };
+        let arena = Some(Arc::new(payload::ArgsArena::new()?));
         let cfg = Config {
+            arena: arena.clone(),
+            shared_results: true,
             processes,
             initializer: self.initializer,
             max_tasks_per_child: self.max_tasks_per_child,
@@ -313,6 +336,7 @@ impl PoolBuilder {
                 next_job: AtomicU64::new(1),
                 processes,
                 thread: Mutex::new(Some(thread)),
+                arena,
             }),
         })
     }

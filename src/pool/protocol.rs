@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::mailbox::MailSender;
+use super::payload::{Payload, SharedResults};
 use crate::error::{CodecError, CodecErrorKind, Error};
 use crate::sys;
 
@@ -29,13 +30,14 @@ pub(crate) enum Command {
         ctx: Option<Vec<u8>>,
     },
     /// Items `base..base + count` of a job, encoded back to back
-    /// (fixed-width of `kind`, or postcard for 0).
+    /// (fixed-width of `kind`, or postcard for 0); one large item may sit
+    /// in the pool's arena instead.
     Chunk {
         job: u64,
         base: u64,
         count: u32,
         kind: u8,
-        items: Vec<u8>,
+        items: Payload,
     },
     /// No more chunks will come for this job.
     Seal(u64),
@@ -57,6 +59,8 @@ pub(crate) enum JobMsg {
         count: u32,
         kind: u8,
         bytes: Vec<u8>,
+        /// The large results these entries name, in the worker's region.
+        shared: Option<SharedResults>,
     },
     /// One item failed without a result entry (its worker died or timed out).
     Failed { index: u64, error: Error },

@@ -10,6 +10,7 @@ use super::mailbox::{mailbox, MailReceiver, RecvTimeoutError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::payload::{ArenaBlock, Payload, SharedResults, SHARED_MIN};
 use super::protocol::{Command, JobMsg, TaskRef};
 use super::wire;
 use super::Inner;
@@ -50,7 +51,7 @@ impl JobHandle {
 
     /// Queues items `base..base + count`, encoded back to back in `items`
     /// (fixed-width of `kind`, or postcard for 0).
-    pub(crate) fn submit(&self, base: u64, count: u32, kind: u8, items: Vec<u8>) -> Result<()> {
+    pub(crate) fn submit(&self, base: u64, count: u32, kind: u8, items: Payload) -> Result<()> {
         self.inner.send(Command::Chunk {
             job: self.id,
             base,
@@ -58,6 +59,23 @@ impl JobHandle {
             kind,
             items,
         })
+    }
+
+    /// `item`, encoded into the pool's arena, if it is large (and the pool
+    /// has an arena with room): it then travels as a chunk of its own.
+    pub(crate) fn large_item<T: Serialize + DeserializeOwned>(
+        &self,
+        format: &mut ItemFormat,
+        item: &T,
+    ) -> Result<Option<ArenaBlock>> {
+        let Some(arena) = &self.inner.arena else {
+            return Ok(None);
+        };
+        if !format.is_postcard(item) || !codec::encodes_to_at_least(item, SHARED_MIN) {
+            return Ok(None);
+        }
+        let len = codec::encoded_len(item)?;
+        ArenaBlock::encode(arena, len, |buf| codec::encode_into(item, buf))
     }
 
     /// Tells the dispatcher no more chunks will come.
@@ -93,6 +111,16 @@ impl ItemFormat {
             FORMAT_POSTCARD => 0,
             k => k,
         }
+    }
+
+    /// Whether `item` is encoded in postcard (deciding the format with the
+    /// first item): items of a fixed-width kind are never large.
+    #[inline]
+    pub(crate) fn is_postcard<T: Serialize + DeserializeOwned>(&mut self, item: &T) -> bool {
+        if self.state == 0 {
+            self.state = codec::fixed::round_trip_kind(item).unwrap_or(FORMAT_POSTCARD);
+        }
+        self.state == FORMAT_POSTCARD
     }
 
     /// Appends `item` to the chunk in `buf`. `Ok(false)`: the item does not
@@ -158,6 +186,13 @@ impl Chunker {
         job: &JobHandle,
         item: &T,
     ) -> Result<()> {
+        if let Some(block) = job.large_item(&mut self.format, item)? {
+            // A chunk of its own, after the items before it.
+            self.flush(job)?;
+            let base = self.base;
+            self.base += 1;
+            return job.submit(base, 1, 0, Payload::Arena(block));
+        }
         if !self.format.encode(item, &mut self.buf)? {
             self.flush(job)?;
             self.format.encode(item, &mut self.buf)?;
@@ -181,7 +216,7 @@ impl Chunker {
         self.base += u64::from(count);
         self.count = 0;
         self.buf = Vec::with_capacity(items.len());
-        job.submit(base, count, self.kind, items)
+        job.submit(base, count, self.kind, items.into())
     }
 }
 
@@ -215,9 +250,10 @@ pub(crate) fn decode_results<R: DeserializeOwned>(
     count: u32,
     kind: u8,
     bytes: &[u8],
+    shared: Option<&SharedResults>,
     mut put: impl FnMut(u64, Result<R>),
 ) {
-    let mut entries = match wire::Entries::new(bytes, kind) {
+    let mut entries = match wire::Entries::new(bytes, kind, shared) {
         Ok(e) => e,
         Err(e) => {
             for j in 0..u64::from(count) {
@@ -328,11 +364,12 @@ impl<R: DeserializeOwned> Gather<R> {
                 count,
                 kind,
                 bytes,
+                shared,
             } => {
                 if self.error.is_some() {
                     return;
                 }
-                let mut entries = match wire::Entries::new(&bytes, kind) {
+                let mut entries = match wire::Entries::new(&bytes, kind, shared.as_ref()) {
                     Ok(e) => e,
                     Err(e) => return self.fail(e),
                 };

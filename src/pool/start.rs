@@ -3,17 +3,18 @@
 //! child from the job below. The dispatcher holds either kind as a
 //! [`Process`]: its sentinel and exit code come through the same `Popen`.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::worker::{self, WorkerSpec};
+use super::payload::{ResultRegion, ARGS_LEN};
+use super::worker::{self, ArgsMap, WorkerSpec};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::forkserver::{self, StartMethod};
 use crate::process::{Process, Target};
-use crate::sys::{self, SharedProgress};
+use crate::sys::{self, SharedMapping, SharedProgress};
 
 /// The progress counters of a pool of `n` workers started with `method`:
 /// a mapping of the fork server's arena for `ForkServer` (made before the
@@ -32,10 +33,26 @@ struct WorkerJob {
     /// Which arena mapping holds the pool's counters.
     arena: usize,
     initializer: Option<usize>,
+    /// The pool's arguments arena rides as the next fd.
+    args: bool,
+    /// The worker's results region rides as the next fd.
+    region: bool,
+}
+
+/// The memfds a child of the fork server maps: the pool's arguments arena
+/// and the worker's results region (a forked worker inherits the mappings).
+pub(crate) struct SharedFds {
+    pub(crate) args: Option<OwnedFd>,
+    pub(crate) region: Option<OwnedFd>,
 }
 
 /// Starts the worker of `spec`, named `name`, with `method`.
-pub(crate) fn start_worker(method: StartMethod, spec: WorkerSpec, name: String) -> Result<Process> {
+pub(crate) fn start_worker(
+    method: StartMethod,
+    spec: WorkerSpec,
+    name: String,
+    fds: SharedFds,
+) -> Result<Process> {
     let process = Process::new(|| {})
         .with_name(name)
         .with_daemon(true)
@@ -65,25 +82,50 @@ pub(crate) fn start_worker(method: StartMethod, spec: WorkerSpec, name: String) 
                     slot: spec.slot,
                     arena,
                     initializer: spec.initializer.map(sys::fn_addr::<fn()>),
+                    args: fds.args.is_some(),
+                    region: fds.region.is_some(),
                 },
                 &mut job,
             )?;
+            let mut extra = vec![spec.sock];
+            extra.extend(fds.args);
+            extra.extend(fds.region);
             let mut process = process;
-            process.start_in_server(worker_job_main, job, vec![spec.sock], None)?;
+            process.start_in_server(worker_job_main, job, extra, None)?;
             Ok(process)
         }
     }
 }
 
 /// In a child of the fork server: the worker's target, from its job and
-/// fds (the channel, which it does not need, then its socket).
+/// fds (the channel, which it does not need, then its socket, then the
+/// arguments arena and the results region if the job says so).
 fn worker_job_main(job: &[u8], fds: Vec<OwnedFd>) -> Target {
     let job = codec::decode::<WorkerJob>(job);
-    let sock = fds.into_iter().nth(1);
+    let mut fds = fds.into_iter().skip(1);
+    let sock = fds.next();
+    let (args, region) = match &job {
+        Ok(j) => (
+            if j.args { fds.next() } else { None },
+            if j.region { fds.next() } else { None },
+        ),
+        Err(_) => (None, None),
+    };
     Box::new(move || {
         let progress = job.as_ref().ok().and_then(|j| forkserver::arena(j.arena));
         let (Ok(job), Some(sock), Some(progress)) = (job, sock, progress) else {
             crate::exit(crate::exitcode::SETUP_FAILED);
+        };
+        // The maps are made in the child, so the server maps nothing.
+        let args = match args.map(|fd| SharedMapping::from_fd(fd.as_fd(), ARGS_LEN)) {
+            Some(Ok(m)) => Some(ArgsMap::Mapped(m)),
+            Some(Err(_)) => crate::exit(crate::exitcode::SETUP_FAILED),
+            None => None,
+        };
+        let region = match region.map(|fd| ResultRegion::from_fd(fd.as_fd())) {
+            Some(Ok(r)) => Some(Arc::new(r)),
+            Some(Err(_)) => crate::exit(crate::exitcode::SETUP_FAILED),
+            None => None,
         };
         let code = worker::run(WorkerSpec {
             sock,
@@ -91,6 +133,8 @@ fn worker_job_main(job: &[u8], fds: Vec<OwnedFd>) -> Target {
             progress,
             slot: job.slot,
             initializer: job.initializer.map(sys::fn_from_addr::<fn()>),
+            args,
+            region,
         });
         if code != 0 {
             crate::exit(code);

@@ -9,6 +9,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::payload::{ResultRegion, SharedResults, SHARED_MIN};
 use crate::codec::{self, HEADER_LEN};
 use crate::error::{CodecError, CodecErrorKind, Error, Result};
 use crate::unwind::PanicReport;
@@ -17,6 +18,7 @@ const TAG_CHUNK: u8 = 1;
 const TAG_CONTEXT: u8 = 2;
 const TAG_FORGET: u8 = 3;
 const TAG_EXIT: u8 = 4;
+const TAG_CHUNK_SHARED: u8 = 5;
 
 const TAG_RESULTS: u8 = 1;
 const TAG_INIT_FAILED: u8 = 2;
@@ -28,6 +30,9 @@ const ENTRY_BAD_INPUT: u8 = 3;
 /// A value in postcard inside a fixed-width frame (a value with no
 /// fixed-width encoding after all): listed in the footer, decoded as `Ok`.
 const ENTRY_VALUE: u8 = 4;
+/// A large value in the worker's results region: a footer entry naming
+/// the `u32` index of its range in the frame's shared trailer.
+const ENTRY_SHARED: u8 = 5;
 
 /// How a worker encodes the value entries of its current results frame,
 /// decided by the first value: `VALUES_UNDECIDED`, `VALUES_POSTCARD`, or
@@ -54,7 +59,7 @@ pub(crate) enum ToWorker<'a> {
         end: u32,
         /// The items' fixed-width kind (`codec::fixed`), 0 for postcard.
         kind: u8,
-        items: &'a [u8],
+        items: Items<'a>,
     },
     /// The encoded context of `job` (`map_with`), sent once per worker.
     Context { job: u64, ctx: &'a [u8] },
@@ -62,6 +67,15 @@ pub(crate) enum ToWorker<'a> {
     Forget { job: u64 },
     /// Finish and exit (the pool is closing or the worker retires).
     Exit,
+}
+
+/// Where a chunk's items are.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub(crate) enum Items<'a> {
+    /// In the frame.
+    Inline(&'a [u8]),
+    /// In the pool's arguments arena.
+    Shared { offset: u64, len: u64 },
 }
 
 /// A message from a worker to the dispatcher.
@@ -135,11 +149,18 @@ pub(crate) fn push_chunk(
     start: u32,
     end: u32,
     kind: u8,
-    items: &[u8],
+    items: Items<'_>,
 ) {
-    out.reserve(HEADER_LEN + CHUNK_HEADER + items.len());
+    let inline = match items {
+        Items::Inline(b) => b,
+        Items::Shared { .. } => &[],
+    };
+    out.reserve(HEADER_LEN + CHUNK_HEADER + 16 + inline.len());
     let s = begin_frame(out);
-    out.push(TAG_CHUNK);
+    out.push(match items {
+        Items::Inline(_) => TAG_CHUNK,
+        Items::Shared { .. } => TAG_CHUNK_SHARED,
+    });
     out.extend_from_slice(&chunk.to_le_bytes());
     out.extend_from_slice(&job.to_le_bytes());
     out.extend_from_slice(&(f as u64).to_le_bytes());
@@ -147,7 +168,13 @@ pub(crate) fn push_chunk(
     out.extend_from_slice(&start.to_le_bytes());
     out.extend_from_slice(&end.to_le_bytes());
     out.push(kind);
-    out.extend_from_slice(items);
+    match items {
+        Items::Inline(b) => out.extend_from_slice(b),
+        Items::Shared { offset, len } => {
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+        }
+    }
     end_frame(out, s);
 }
 
@@ -179,7 +206,7 @@ pub(crate) fn push_exit(out: &mut Vec<u8>) {
 pub(crate) fn parse_to_worker(payload: &[u8]) -> Result<ToWorker<'_>> {
     let mut p = Fields(payload);
     match p.u8()? {
-        TAG_CHUNK => {
+        tag @ (TAG_CHUNK | TAG_CHUNK_SHARED) => {
             let chunk = p.u64()?;
             let job = p.u64()?;
             let f = p.u64()? as usize;
@@ -190,6 +217,15 @@ pub(crate) fn parse_to_worker(payload: &[u8]) -> Result<ToWorker<'_>> {
             if start > end {
                 return Err(invalid("chunk range"));
             }
+            let items = if tag == TAG_CHUNK {
+                Items::Inline(p.0)
+            } else {
+                let (offset, len) = (p.u64()?, p.u64()?);
+                if !p.0.is_empty() {
+                    return Err(invalid("bytes after a shared chunk"));
+                }
+                Items::Shared { offset, len }
+            };
             Ok(ToWorker::Chunk {
                 chunk,
                 job,
@@ -198,7 +234,7 @@ pub(crate) fn parse_to_worker(payload: &[u8]) -> Result<ToWorker<'_>> {
                 start,
                 end,
                 kind,
-                items: p.0,
+                items,
             })
         }
         TAG_CONTEXT => Ok(ToWorker::Context {
@@ -227,6 +263,9 @@ pub(crate) struct ResultsFrame {
     failures: Vec<u32>,
     /// How value entries are encoded (`VALUES_*`); its tag says so.
     pub(crate) values: u8,
+    /// `(offset, length)` of the large values in the worker's region that
+    /// the frame's `ENTRY_SHARED` entries name, in order.
+    shared: Vec<(u64, u64)>,
 }
 
 impl ResultsFrame {
@@ -235,6 +274,7 @@ impl ResultsFrame {
         self.frame_start = begin_frame(out);
         self.count = 0;
         self.failures.clear();
+        self.shared.clear();
         self.values = VALUES_UNDECIDED;
         out.push(TAG_RESULTS);
         out.extend_from_slice(&chunk.to_le_bytes());
@@ -263,6 +303,11 @@ impl ResultsFrame {
             out.extend_from_slice(&f.to_le_bytes());
         }
         out.extend_from_slice(&(self.failures.len() as u32).to_le_bytes());
+        for (o, l) in &self.shared {
+            out.extend_from_slice(&o.to_le_bytes());
+            out.extend_from_slice(&l.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.shared.len() as u32).to_le_bytes());
         let at = self.frame_start + HEADER_LEN + 1 + 8 + 4;
         out[at..at + 4].copy_from_slice(&self.count.to_le_bytes());
         if self.values != VALUES_POSTCARD {
@@ -271,7 +316,41 @@ impl ResultsFrame {
         end_frame(out, self.frame_start);
         self.count = 0;
         self.failures.clear();
+        self.shared.clear();
     }
+}
+
+/// `(offset, length)` of a large value in a worker's results region.
+pub(crate) type Range = (u64, u64);
+
+/// Splits the shared trailer off the entries of a results message: the
+/// entries (footer included) and the `(offset, length)` ranges they name.
+pub(crate) fn split_shared(entries: &[u8]) -> Result<(&[u8], Vec<Range>)> {
+    let n = entries.len();
+    let k = entries
+        .get(n.wrapping_sub(4)..)
+        .filter(|_| n >= 4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or_else(|| invalid("results without trailer"))?;
+    let trailer = k
+        .checked_mul(16)
+        .and_then(|t| t.checked_add(4))
+        .filter(|&t| t <= n)
+        .ok_or_else(|| invalid("results trailer"))?;
+    let mut f = Fields(&entries[n - trailer..n - 4]);
+    let mut shared = Vec::with_capacity(k);
+    for _ in 0..k {
+        shared.push((f.u64()?, f.u64()?));
+    }
+    Ok((&entries[..n - trailer], shared))
+}
+
+/// Where a worker's trampoline appends a result entry: the frame's bytes,
+/// and for large values the worker's results region.
+pub(crate) struct Sink<'a> {
+    pub(crate) out: &'a mut Vec<u8>,
+    pub(crate) frame: &'a mut ResultsFrame,
+    pub(crate) region: Option<&'a ResultRegion>,
 }
 
 /// Appends an init-failed frame.
@@ -329,13 +408,11 @@ pub(crate) fn push_ok<R: Serialize>(out: &mut Vec<u8>, value: &R) -> bool {
 /// that has no fixed-width encoding in a fixed frame is a footer entry
 /// (`false`), in postcard, still a value for the parent.
 #[inline]
-pub(crate) fn push_value<R: Serialize + DeserializeOwned>(
-    out: &mut Vec<u8>,
-    values: &mut u8,
-    value: &R,
-) -> bool {
+pub(crate) fn push_value<R: Serialize + DeserializeOwned>(sink: &mut Sink<'_>, value: &R) -> bool {
+    let out = &mut *sink.out;
+    let values = &mut sink.frame.values;
     match *values {
-        VALUES_POSTCARD => push_ok(out, value),
+        VALUES_POSTCARD => push_large_or_ok(sink, value),
         VALUES_UNDECIDED => {
             // Encode in place and check that it decodes back to exactly
             // those bytes, as the parent will decode it (no allocation:
@@ -350,7 +427,7 @@ pub(crate) fn push_value<R: Serialize + DeserializeOwned>(
                 out.truncate(at);
             }
             *values = VALUES_POSTCARD;
-            push_ok(out, value)
+            push_large_or_ok(sink, value)
         }
         kind => {
             let at = out.len();
@@ -359,6 +436,10 @@ pub(crate) fn push_value<R: Serialize + DeserializeOwned>(
             }
             // Another kind than the frame's, or none: a footer entry.
             out.truncate(at);
+            if push_large(sink, value) {
+                return false;
+            }
+            let out = &mut *sink.out;
             out.push(ENTRY_VALUE);
             if codec::encode_value(value, out).is_err() {
                 out.truncate(at);
@@ -367,6 +448,46 @@ pub(crate) fn push_value<R: Serialize + DeserializeOwned>(
             false
         }
     }
+}
+
+/// A postcard value entry, or a shared one for a large value.
+#[inline]
+fn push_large_or_ok<R: Serialize>(sink: &mut Sink<'_>, value: &R) -> bool {
+    if push_large(sink, value) {
+        // A footer entry: still a value for the parent.
+        return false;
+    }
+    push_ok(sink.out, value)
+}
+
+/// Writes `value` into the worker's region and appends its shared entry,
+/// if it is large and the region has room. `false`: nothing was appended.
+#[inline]
+fn push_large<R: Serialize>(sink: &mut Sink<'_>, value: &R) -> bool {
+    let Some(region) = sink.region else {
+        return false;
+    };
+    if !codec::encodes_to_at_least(value, SHARED_MIN) {
+        return false;
+    }
+    let Ok(len) = codec::encoded_len(value) else {
+        return false;
+    };
+    let Some(offset) = region.alloc(len) else {
+        return false;
+    };
+    let written = region
+        .mapping()
+        .write_with(offset, len, |b| codec::encode_into(value, b));
+    if !matches!(written, Ok(Ok(n)) if n == len) {
+        region.unalloc(offset, len);
+        return false;
+    }
+    let k = sink.frame.shared.len() as u32;
+    sink.frame.shared.push((offset as u64, len as u64));
+    sink.out.push(ENTRY_SHARED);
+    sink.out.extend_from_slice(&k.to_le_bytes());
+    true
 }
 
 /// Appends the entry of a task that panicked (a failure entry).
@@ -400,11 +521,17 @@ pub(crate) struct Entries<'a> {
     /// The positions of the failed entries still ahead, `u32` LE each.
     failures: &'a [u8],
     index: u32,
+    /// The large values the message's shared entries name.
+    shared: Option<&'a SharedResults>,
 }
 
 impl<'a> Entries<'a> {
     /// Splits the footer off the entries of a results message.
-    pub(crate) fn new(bytes: &'a [u8], kind: u8) -> Result<Entries<'a>> {
+    pub(crate) fn new(
+        bytes: &'a [u8],
+        kind: u8,
+        shared: Option<&'a SharedResults>,
+    ) -> Result<Entries<'a>> {
         let n = bytes.len();
         let k = bytes
             .get(n.wrapping_sub(4)..)
@@ -421,6 +548,7 @@ impl<'a> Entries<'a> {
             kind,
             failures: &bytes[n - footer..n - 4],
             index: 0,
+            shared,
         })
     }
 
@@ -466,6 +594,15 @@ impl<'a> Entries<'a> {
         let r = &mut self.rest;
         Ok(Err(match status {
             ENTRY_VALUE => return codec::take_value::<R>(r).map(Ok),
+            ENTRY_SHARED => {
+                let k = Fields(r.get(..4).ok_or_else(|| invalid("shared entry"))?).u32()?;
+                *r = &r[4..];
+                let bytes = self
+                    .shared
+                    .and_then(|s| s.get(k as usize))
+                    .ok_or_else(|| invalid("a shared entry without its range"))?;
+                return codec::decode::<R>(bytes).map(Ok);
+            }
             ENTRY_PANICKED => codec::take_value::<PanicReport>(r)?.into(),
             ENTRY_ENCODE_FAILED => {
                 CodecError::new(CodecErrorKind::Encode(codec::take_value::<String>(r)?)).into()
@@ -491,7 +628,17 @@ mod tests {
     #[test]
     fn to_worker_round_trip() {
         let mut out = Vec::new();
-        push_chunk(&mut out, 7, 3, 0x1000, 0x2000, 1, 4, 10, b"abcd");
+        push_chunk(
+            &mut out,
+            7,
+            3,
+            0x1000,
+            0x2000,
+            1,
+            4,
+            10,
+            Items::Inline(b"abcd"),
+        );
         assert_eq!(
             parse_to_worker(payload(&out)).unwrap(),
             ToWorker::Chunk {
@@ -502,7 +649,7 @@ mod tests {
                 start: 1,
                 end: 4,
                 kind: 10,
-                items: b"abcd"
+                items: Items::Inline(b"abcd")
             }
         );
         for (push, want) in [
@@ -550,7 +697,9 @@ mod tests {
             panic!("not results")
         };
         assert_eq!((chunk, start, count, kind), (5, 2, 4, 0));
-        let mut e = Entries::new(entries, kind).unwrap();
+        let (entries, shared) = split_shared(entries).unwrap();
+        assert!(shared.is_empty());
+        let mut e = Entries::new(entries, kind, None).unwrap();
         assert_eq!(e.next::<u64>().unwrap().unwrap(), 42);
         let err = e.next::<u64>().unwrap().unwrap_err();
         assert_eq!(err.panic_message(), Some("boom"));
@@ -565,6 +714,14 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    fn sink<'a>(out: &'a mut Vec<u8>, frame: &'a mut ResultsFrame) -> Sink<'a> {
+        Sink {
+            out,
+            frame,
+            region: None,
+        }
+    }
+
     /// Values in the frame's fixed-width kind are plain entries; a value of
     /// another kind goes in postcard as a footer entry and still decodes.
     #[test]
@@ -572,12 +729,12 @@ mod tests {
         let mut out = Vec::new();
         let mut frame = ResultsFrame::default();
         frame.begin(&mut out, 1, 0);
-        let ok = push_value(&mut out, &mut frame.values, &42u64);
+        let ok = push_value(&mut sink(&mut out, &mut frame), &42u64);
         frame.entry(ok);
-        let ok = push_value(&mut out, &mut frame.values, &u64::MAX);
+        let ok = push_value(&mut sink(&mut out, &mut frame), &u64::MAX);
         frame.entry(ok);
         // Another kind (a u32): in postcard, listed in the footer.
-        let ok = push_value(&mut out, &mut frame.values, &7u32);
+        let ok = push_value(&mut sink(&mut out, &mut frame), &7u32);
         assert!(!ok);
         frame.entry(ok);
         frame.close(&mut out);
@@ -592,19 +749,76 @@ mod tests {
         };
         assert_eq!(count, 3);
         assert_ne!(kind, 0, "a fixed-width frame");
+        let (entries, _) = split_shared(entries).unwrap();
         assert_eq!(entries.len(), 8 + 8 + 2 + 4 + 4, "no per-value overhead");
-        let mut e = Entries::new(entries, kind).unwrap();
+        let mut e = Entries::new(entries, kind, None).unwrap();
         assert_eq!(e.next::<u64>().unwrap().unwrap(), 42);
         assert_eq!(e.next::<u64>().unwrap().unwrap(), u64::MAX);
         assert_eq!(e.next::<u64>().unwrap().unwrap(), 7);
         assert!(e.finish().is_ok());
         // Read as another type than written: an error, never a misread.
-        let mut e = Entries::new(entries, kind).unwrap();
+        let mut e = Entries::new(entries, kind, None).unwrap();
         assert!(e.next::<u32>().is_err());
         // A frame whose entries are not all read is not whole.
-        let mut e = Entries::new(entries, kind).unwrap();
+        let mut e = Entries::new(entries, kind, None).unwrap();
         e.next::<u64>().unwrap().unwrap();
         assert!(e.finish().is_err());
+    }
+
+    /// A large value goes to the worker's region, a small one stays in the
+    /// frame; the parent reads the large one in place and frees it.
+    #[test]
+    fn large_results_go_through_the_region() {
+        use super::super::payload::{ResultRegion, SharedResults};
+        use std::sync::Arc;
+        let (region, _fd) = ResultRegion::new().unwrap();
+        let region = Arc::new(region);
+        let big = vec![7u8; 3 * SHARED_MIN];
+        let mut out = Vec::new();
+        let mut frame = ResultsFrame::default();
+        frame.begin(&mut out, 1, 0);
+        for v in [&b"small".to_vec(), &big, &big] {
+            let mut s = Sink {
+                out: &mut out,
+                frame: &mut frame,
+                region: Some(&region),
+            };
+            let ok = push_value(&mut s, v);
+            frame.entry(ok);
+        }
+        frame.close(&mut out);
+        assert!(out.len() < 100, "only offsets in the frame: {}", out.len());
+        let FromWorker::Results {
+            count,
+            kind,
+            entries,
+            ..
+        } = parse_from_worker(payload(&out)).unwrap()
+        else {
+            panic!("not results")
+        };
+        let (entries, ranges) = split_shared(entries).unwrap();
+        assert_eq!(ranges.len(), 2);
+        assert!(ranges.iter().all(|&(o, l)| region.check(o, l)));
+        let ranges: Vec<_> = ranges
+            .iter()
+            .map(|&(o, l)| (o as usize, l as usize))
+            .collect();
+        let first = ranges[0].0;
+        let shared = SharedResults::new(Arc::clone(&region), ranges);
+        let mut e = Entries::new(entries, kind, Some(&shared)).unwrap();
+        assert_eq!(count, 3);
+        assert_eq!(e.next::<Vec<u8>>().unwrap().unwrap(), b"small");
+        assert_eq!(e.next::<Vec<u8>>().unwrap().unwrap(), big);
+        assert_eq!(e.next::<Vec<u8>>().unwrap().unwrap(), big);
+        assert!(e.finish().is_ok());
+        // Without its ranges, a shared entry is an error, not a misread.
+        let mut e = Entries::new(entries, kind, None).unwrap();
+        e.next::<Vec<u8>>().unwrap().unwrap();
+        assert!(e.next::<Vec<u8>>().is_err());
+        // Freed on drop: the worker takes the same range again.
+        drop(shared);
+        assert_eq!(region.alloc(10), Some(first));
     }
 
     #[test]
@@ -614,13 +828,13 @@ mod tests {
         assert!(parse_from_worker(&[TAG_RESULTS, 1]).is_err());
         assert!(parse_to_worker(&[TAG_CHUNK, 0]).is_err());
         // No footer, a footer longer than the message, an unknown status.
-        assert!(Entries::new(&[], 0).is_err());
-        assert!(Entries::new(&[0, 0, 0], 0).is_err());
-        assert!(Entries::new(&[9, 0, 0, 0], 0).is_err());
-        let mut e = Entries::new(&[77, 0, 0, 0, 0, 1, 0, 0, 0], 0).unwrap();
+        assert!(Entries::new(&[], 0, None).is_err());
+        assert!(Entries::new(&[0, 0, 0], 0, None).is_err());
+        assert!(Entries::new(&[9, 0, 0, 0], 0, None).is_err());
+        let mut e = Entries::new(&[77, 0, 0, 0, 0, 1, 0, 0, 0], 0, None).unwrap();
         assert!(e.next::<u64>().is_err());
         // A value cut short.
-        let mut e = Entries::new(&[0x80, 0, 0, 0, 0], 0).unwrap();
+        let mut e = Entries::new(&[0x80, 0, 0, 0, 0], 0, None).unwrap();
         assert!(e.next::<u64>().is_err());
     }
 }
@@ -700,8 +914,12 @@ mod proptests {
         if u64::from(start) + u64::from(count) > u64::from(max_count) {
             return Err(invalid("results out of order"));
         }
+        let (entries, shared) = split_shared(entries)?;
+        if !shared.is_empty() {
+            return Err(invalid("a large result outside the region"));
+        }
         let mut got = Vec::new();
-        decode_results::<String>(u64::from(start), count, kind, entries, |i, r| {
+        decode_results::<String>(u64::from(start), count, kind, entries, None, |i, r| {
             assert_eq!(i, u64::from(start) + got.len() as u64, "in order, once");
             got.push(r);
         });
@@ -719,7 +937,10 @@ mod proptests {
             match parse_to_worker(&payload) {
                 Ok(ToWorker::Chunk { start, end, items, .. }) => {
                     prop_assert!(start <= end);
-                    prop_assert_eq!(items.len(), payload.len() - CHUNK_HEADER);
+                    match items {
+                        Items::Inline(b) => prop_assert_eq!(b.len(), payload.len() - CHUNK_HEADER),
+                        Items::Shared { .. } => prop_assert_eq!(payload.len(), CHUNK_HEADER + 16),
+                    }
                 }
                 Ok(ToWorker::Context { ctx, .. }) => prop_assert_eq!(ctx.len(), payload.len() - 9),
                 Ok(ToWorker::Forget { .. }) => prop_assert!(payload.len() >= 9),
@@ -739,18 +960,18 @@ mod proptests {
         ) {
             let (start, end) = (a.min(b), a.max(b));
             let mut out = Vec::new();
-            push_chunk(&mut out, chunk, job, f, tramp, start, end, kind, &items);
+            push_chunk(&mut out, chunk, job, f, tramp, start, end, kind, Items::Inline(&items));
             let payload = &out[HEADER_LEN..];
             prop_assert_eq!(
                 parse_to_worker(payload).unwrap(),
-                ToWorker::Chunk { chunk, job, f, tramp, start, end, kind, items: &items }
+                ToWorker::Chunk { chunk, job, f, tramp, start, end, kind, items: Items::Inline(&items) }
             );
             let k = cut.index(CHUNK_HEADER);
             prop_assert!(parse_to_worker(&payload[..k]).is_err());
             // A reversed range is refused.
             if start < end {
                 let mut out = Vec::new();
-                push_chunk(&mut out, chunk, job, f, tramp, end, start, kind, &items);
+                push_chunk(&mut out, chunk, job, f, tramp, end, start, kind, Items::Inline(&items));
                 prop_assert!(parse_to_worker(&out[HEADER_LEN..]).is_err());
             }
         }
@@ -778,7 +999,7 @@ mod proptests {
             as_bytes in any::<bool>(),
             kind in any::<u8>(),
         ) {
-            let Ok(mut entries) = Entries::new(&bytes, kind) else { return Ok(()) };
+            let Ok(mut entries) = Entries::new(&bytes, kind, None) else { return Ok(()) };
             let bound = bytes.len() + bytes.len() / 4 + 1;
             for _ in 0..=bound {
                 let next = if as_bytes {
@@ -805,7 +1026,7 @@ mod proptests {
         ) {
             let mut out = Vec::new();
             match which {
-                0 => push_chunk(&mut out, chunk, job, f, tramp, 0, 3, 0, &items),
+                0 => push_chunk(&mut out, chunk, job, f, tramp, 0, 3, 0, Items::Inline(&items)),
                 1 => push_context(&mut out, job, &items),
                 2 => push_forget(&mut out, job),
                 _ => push_exit(&mut out),

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::wire::{self, ResultsFrame, ToWorker};
+use super::payload::{ArgsArena, ResultRegion};
+use super::wire::{self, Items, ResultsFrame, Sink, ToWorker};
 use crate::codec::{self, Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
-use crate::sys::{self, Progress, SharedProgress, Sig, Trampoline};
+use crate::sys::{self, Progress, SharedMapping, SharedProgress, Sig, Trampoline};
 use crate::unwind;
 
 /// Results are written once this long has passed since the last write
@@ -32,6 +33,26 @@ pub(crate) struct WorkerSpec {
     pub(crate) progress: Arc<SharedProgress>,
     pub(crate) slot: usize,
     pub(crate) initializer: Option<fn()>,
+    /// The pool's arguments arena, as this worker sees it.
+    pub(crate) args: Option<ArgsMap>,
+    /// This worker's region for large results.
+    pub(crate) region: Option<Arc<ResultRegion>>,
+}
+
+/// The pool's arguments arena in a worker: the parent's mapping, inherited
+/// by the fork, or mapped from its fd (a child of the fork server).
+pub(crate) enum ArgsMap {
+    Inherited(Arc<ArgsArena>),
+    Mapped(SharedMapping),
+}
+
+impl ArgsMap {
+    fn mapping(&self) -> &SharedMapping {
+        match self {
+            ArgsMap::Inherited(a) => a.mapping(),
+            ArgsMap::Mapped(m) => m,
+        }
+    }
 }
 
 /// Decodes the next item of a chunk: fixed-width of `kind`, or postcard.
@@ -47,15 +68,11 @@ fn next_item<T: DeserializeOwned>(input: &mut &[u8], kind: u8) -> Result<T, Stri
 
 /// Runs `f(item)` under `catch_unwind` and appends its entry.
 #[inline(always)]
-fn run_item<R: Serialize + DeserializeOwned>(
-    run: impl FnOnce() -> R,
-    out: &mut Vec<u8>,
-    values: &mut u8,
-) -> bool {
+fn run_item<R: Serialize + DeserializeOwned>(run: impl FnOnce() -> R, sink: &mut Sink<'_>) -> bool {
     match unwind::catch(run) {
-        Ok(r) => wire::push_value(out, values, &r),
+        Ok(r) => wire::push_value(sink, &r),
         Err(report) => {
-            wire::push_panic(out, &report);
+            wire::push_panic(sink.out, &report);
             false
         }
     }
@@ -70,14 +87,14 @@ pub(crate) fn tramp_map<T: DeserializeOwned, R: Serialize + DeserializeOwned>(
     _raw: Option<&[u8]>,
     input: &mut &[u8],
     kind: u8,
-    out: Option<(&mut Vec<u8>, &mut u8)>,
+    out: Option<&mut Sink<'_>>,
 ) -> Result<bool, String> {
     let item = next_item::<T>(input, kind)?;
-    let Some((out, values)) = out else {
+    let Some(sink) = out else {
         return Ok(true);
     };
     let f: fn(T) -> R = sys::fn_from_addr(f);
-    Ok(run_item(move || f(item), out, values))
+    Ok(run_item(move || f(item), sink))
 }
 
 /// The trampoline of `map_with`: as [`tramp_map`], with the job's context
@@ -92,10 +109,10 @@ pub(crate) fn tramp_with<
     raw: Option<&[u8]>,
     input: &mut &[u8],
     kind: u8,
-    out: Option<(&mut Vec<u8>, &mut u8)>,
+    out: Option<&mut Sink<'_>>,
 ) -> Result<bool, String> {
     let item = next_item::<T>(input, kind)?;
-    let Some((out, values)) = out else {
+    let Some(sink) = out else {
         return Ok(true);
     };
     if ctx.is_none() {
@@ -108,7 +125,7 @@ pub(crate) fn tramp_with<
         .and_then(|c| c.downcast_ref::<C>())
         .ok_or("the job's context has another type")?;
     let f: fn(&C, T) -> R = sys::fn_from_addr(f);
-    Ok(run_item(move || f(c, item), out, values))
+    Ok(run_item(move || f(c, item), sink))
 }
 
 /// A job's context in this worker: the bytes, and the value once decoded.
@@ -134,6 +151,8 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
         }
     }
     let mut w = Worker {
+        args: spec.args,
+        region: spec.region,
         sock: sock.as_fd(),
         progress,
         seq: 0,
@@ -168,7 +187,20 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
                 } => {
                     let tramp: Trampoline = sys::fn_from_addr(tramp);
                     let ctx = contexts.get_mut(&job);
-                    if !w.run_chunk(ctx, chunk, f, tramp, start, end, kind, items) {
+                    let args = w.args.take();
+                    let items = match items {
+                        Items::Inline(b) => Some(b),
+                        Items::Shared { offset, len } => args.as_ref().and_then(|a| {
+                            let o = usize::try_from(offset).ok()?;
+                            a.mapping().bytes(o, usize::try_from(len).ok()?).ok()
+                        }),
+                    };
+                    let Some(items) = items else {
+                        return crate::exitcode::WORKER_PROTOCOL_ERROR;
+                    };
+                    let go = w.run_chunk(ctx, chunk, f, tramp, start, end, kind, items);
+                    w.args = args;
+                    if !go {
                         return 0;
                     }
                     if !reader.has_frame() && !w.flush() {
@@ -205,6 +237,8 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
 }
 
 struct Worker<'a> {
+    args: Option<ArgsMap>,
+    region: Option<Arc<ResultRegion>>,
     sock: BorrowedFd<'a>,
     progress: &'a Progress,
     /// Items started in this worker's life.
@@ -258,7 +292,11 @@ impl Worker<'_> {
                     raw,
                     &mut items,
                     kind,
-                    Some((&mut self.out, &mut frame.values)),
+                    Some(&mut Sink {
+                        out: &mut self.out,
+                        frame,
+                        region: self.region.as_deref(),
+                    }),
                 ) {
                     Ok(ok) => ok,
                     Err(e) => {

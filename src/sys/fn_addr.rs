@@ -15,14 +15,15 @@ use std::os::fd::OwnedFd;
 /// `Ok(true)` for a plain value entry, `Ok(false)` for a footer entry (a
 /// panic, or a value outside the frame's encoding), `Err(message)` when an
 /// input item cannot be decoded. Defined here because its address crosses
-/// `fork` (see [`fn_from_addr`]); it names no type of the layers above.
+/// `fork` (see [`fn_from_addr`]); its one argument of the pool's
+/// own type is where the result entry goes.
 pub(crate) type Trampoline = fn(
     usize,
     &mut Option<Box<dyn Any>>,
     Option<&[u8]>,
     &mut &[u8],
     u8,
-    Option<(&mut Vec<u8>, &mut u8)>,
+    Option<&mut crate::pool::Sink<'_>>,
 ) -> Result<bool, String>;
 
 /// The signature of a fork-server task's trampoline: `(the user's function

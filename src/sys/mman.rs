@@ -157,6 +157,82 @@ impl SharedMapping {
     }
 }
 
+impl SharedMapping {
+    /// A shared view of `len` bytes at `offset`: bytes that the crate's
+    /// allocators of large payloads handed to one writer, who finished
+    /// writing them before publishing their range (a socket message, a
+    /// lock). `Err` if the range is outside the mapping.
+    ///
+    /// Decoders read these bytes in place. A misbehaving process that maps
+    /// the same memory (a worker that writes a range it gave away) can only
+    /// change which values are read: every byte pattern is a valid `u8`, and
+    /// decoding checks everything it reads.
+    pub(crate) fn bytes(&self, offset: usize, len: usize) -> io::Result<&[u8]> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(&[]);
+        }
+        // SAFETY: the range is inside the mapping (checked), which lives as
+        // long as `&self`; `u8` has no invalid values. See above for writers.
+        Ok(unsafe { std::slice::from_raw_parts(self.as_ptr().add(offset), len) })
+    }
+
+    /// Runs `write` over `len` bytes at `offset`, which the caller owns
+    /// alone: an allocation of one of the crate's payload allocators
+    /// (`pool::payload`), which hand each range to one writer at a time and
+    /// take it back only after every reader is done. `Err` if the range is
+    /// outside the mapping.
+    pub(crate) fn write_with<R>(
+        &self,
+        offset: usize,
+        len: usize,
+        write: impl FnOnce(&mut [u8]) -> R,
+    ) -> io::Result<R> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(write(&mut []));
+        }
+        // SAFETY: the range is inside the mapping (checked), which outlives
+        // the call; the allocators give this range to this writer alone
+        // (see above), so no other reference to these bytes exists while
+        // `write` runs.
+        let buf = unsafe { std::slice::from_raw_parts_mut(self.as_ptr().add(offset), len) };
+        Ok(write(buf))
+    }
+
+    /// Gives the pages wholly inside `offset..offset + len` back to the
+    /// system (`MADV_REMOVE`: a memfd or shm mapping frees them, and reads
+    /// then see zeros). Best effort.
+    pub(crate) fn discard(&self, offset: usize, len: usize) {
+        let page = page_size();
+        let start = offset.next_multiple_of(page);
+        let end = offset.saturating_add(len).min(self.len) / page * page;
+        if end <= start {
+            return;
+        }
+        // SAFETY: the page-aligned range is inside our own mapping; removing
+        // its pages changes only their contents (to zeros), which no
+        // reference of ours borrows: the allocators call this on free ranges.
+        unsafe {
+            libc::madvise(
+                self.as_ptr().add(start).cast(),
+                end - start,
+                libc::MADV_REMOVE,
+            );
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
+
 impl Drop for SharedMapping {
     fn drop(&mut self) {
         // SAFETY: the pointer and length are those of our own mapping, and
