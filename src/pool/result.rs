@@ -63,15 +63,25 @@ impl JobHandle {
 
     /// `item`, encoded into the pool's arena, if it is large (and the pool
     /// has an arena with room): it then travels as a chunk of its own.
+    #[inline]
     pub(crate) fn large_item<T: Serialize + DeserializeOwned>(
         &self,
         format: &mut ItemFormat,
         item: &T,
     ) -> Result<Option<ArenaBlock>> {
+        // Items of a fixed-width kind are small: one test per item.
+        if format.is_fixed() || self.inner.arena.is_none() || !format.is_postcard(item) {
+            return Ok(None);
+        }
+        self.large_postcard_item(item)
+    }
+
+    #[inline(never)]
+    fn large_postcard_item<T: Serialize>(&self, item: &T) -> Result<Option<ArenaBlock>> {
         let Some(arena) = &self.inner.arena else {
             return Ok(None);
         };
-        if !format.is_postcard(item) || !codec::encodes_to_at_least(item, SHARED_MIN) {
+        if !codec::encodes_to_at_least(item, SHARED_MIN) {
             return Ok(None);
         }
         let len = codec::encoded_len(item)?;
@@ -111,6 +121,12 @@ impl ItemFormat {
             FORMAT_POSTCARD => 0,
             k => k,
         }
+    }
+
+    /// The format is a fixed-width kind.
+    #[inline(always)]
+    pub(crate) fn is_fixed(&self) -> bool {
+        self.state != 0 && self.state != FORMAT_POSTCARD
     }
 
     /// Whether `item` is encoded in postcard (deciding the format with the
@@ -181,6 +197,7 @@ impl Chunker {
 
     /// Encodes one item; a full chunk is submitted. An item that cannot be
     /// encoded is an `Err` (and takes no index).
+    #[inline(always)]
     pub(crate) fn push<T: Serialize + DeserializeOwned>(
         &mut self,
         job: &JobHandle,
@@ -206,6 +223,7 @@ impl Chunker {
     }
 
     /// Submits the partial chunk, if any.
+    #[inline(never)]
     pub(crate) fn flush(&mut self, job: &JobHandle) -> Result<()> {
         if self.count == 0 {
             return Ok(());

@@ -22,6 +22,10 @@ use crate::unwind;
 /// when this many bytes are buffered.
 const FLUSH_INTERVAL_NS: u64 = 1_000_000;
 const FLUSH_BYTES: usize = 256 * 1024;
+/// The clock is read every this many items at most: after items too fast
+/// for the coarse clock to move, the stride doubles up to this; a read that
+/// sees time pass sets it back to 1 (so slow items still stream at once).
+const MAX_CLOCK_STRIDE: u32 = 64;
 
 /// Everything a worker needs, moved into the child at the fork.
 pub(crate) struct WorkerSpec {
@@ -159,6 +163,11 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
         out,
         last_flush: sys::coarse_now_ns(),
         frame: ResultsFrame::default(),
+        clock: Clock {
+            stride: 1,
+            left: 1,
+            seen: 0,
+        },
     };
     let mut contexts: HashMap<u64, Context> = HashMap::new();
     let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN, true);
@@ -248,6 +257,37 @@ struct Worker<'a> {
     last_flush: u64,
     /// The results frame being filled (reused).
     frame: ResultsFrame,
+    clock: Clock,
+}
+
+/// Reads of the coarse clock, spaced out while items are fast.
+struct Clock {
+    /// Items between two reads, and items left until the next.
+    stride: u32,
+    left: u32,
+    /// The clock at its last read.
+    seen: u64,
+}
+
+impl Clock {
+    /// Whether `interval` passed since `since`, reading the clock only
+    /// every `stride` items.
+    #[inline]
+    fn passed(&mut self, since: u64, interval: u64) -> bool {
+        self.left -= 1;
+        if self.left > 0 {
+            return false;
+        }
+        let now = sys::coarse_now_ns();
+        self.stride = if now == self.seen {
+            (self.stride * 2).min(MAX_CLOCK_STRIDE)
+        } else {
+            1
+        };
+        self.seen = now;
+        self.left = self.stride;
+        now.wrapping_sub(since) >= interval
+    }
 }
 
 impl Worker<'_> {
@@ -313,7 +353,7 @@ impl Worker<'_> {
             self.seq += 1;
             if i + 1 < end
                 && (self.out.len() >= FLUSH_BYTES
-                    || sys::coarse_now_ns().wrapping_sub(self.last_flush) >= FLUSH_INTERVAL_NS)
+                    || self.clock.passed(self.last_flush, FLUSH_INTERVAL_NS))
             {
                 frame.close(&mut self.out);
                 if !flush(self.sock, &mut self.out, &mut self.last_flush) {
