@@ -347,3 +347,49 @@ fn replacements_leave_fds_and_mappings_flat() {
     let (ok, out) = run_ignored("replacements_child", &[], 240);
     assert!(ok && out.contains("REPLACEMENTS OK"), "{out}");
 }
+
+/// A result whose `Serialize` panics (small or large) fails its own item
+/// with `Panicked`; the items around it, in the same chunk, arrive whole.
+struct PanicsOnEncode(usize);
+
+impl Serialize for PanicsOnEncode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 % 5 == 3 {
+            let mut seq = s.serialize_seq(Some(2))?;
+            seq.serialize_element(&1u8)?;
+            panic!("cannot encode {}", self.0);
+        }
+        s.serialize_u64(self.0 as u64 * 2)
+    }
+}
+
+impl<'de> Deserialize<'de> for PanicsOnEncode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(PanicsOnEncode(u64::deserialize(d)? as usize / 2))
+    }
+}
+
+#[test]
+fn a_result_that_panics_while_encoded_fails_only_its_item() {
+    within(60, || {
+        let pool = Pool::new(2).unwrap();
+        for chunksize in [1, 4, 100] {
+            let r: Vec<_> = pool
+                .imap_chunked(PanicsOnEncode, 0..40usize, chunksize)
+                .collect();
+            for (i, x) in r.iter().enumerate() {
+                if i % 5 == 3 {
+                    assert!(
+                        matches!(x, Err(Error::Panicked { message, .. }) if message.contains("cannot encode")),
+                        "item {i}: {:?}",
+                        x.as_ref().err()
+                    );
+                } else {
+                    assert_eq!(x.as_ref().unwrap().0, i, "item {i}");
+                }
+            }
+            let r = pool.map_chunked(PanicsOnEncode, 0..40usize, chunksize);
+            assert!(matches!(r, Err(Error::Panicked { .. })));
+        }
+    });
+}

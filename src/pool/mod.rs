@@ -131,7 +131,7 @@ pub use iter::{Imap, ImapUnordered};
 use protocol::{Command, TaskRef, Wake};
 pub use result::AsyncResult;
 use result::{All, Chunker, Gather, JobHandle, One};
-pub(crate) use wire::Sink;
+pub(crate) use worker::Batch;
 
 /// What the pool's handles share with each other and with the iterators.
 pub(crate) struct Inner {

@@ -391,6 +391,18 @@ impl<R: DeserializeOwned> Gather<R> {
                     Ok(e) => e,
                     Err(e) => return self.fail(e),
                 };
+                if entries.all_plain() {
+                    // A frame of fixed-width values: one tight loop.
+                    let at = usize::try_from(base).unwrap_or(usize::MAX);
+                    let put = self
+                        .slots
+                        .put_run(at, count as usize, || entries.next_plain::<R>());
+                    return match put.map(|()| entries.finish()) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) | Err(Some(e)) => self.fail(e),
+                        Err(None) => self.fail(protocol_error("result index")),
+                    };
+                }
                 for k in 0..u64::from(count) {
                     match entries.next::<R>() {
                         Ok(Ok(v)) => {

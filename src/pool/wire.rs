@@ -570,6 +570,19 @@ impl<'a> Entries<'a> {
         }
     }
 
+    /// Whether every entry left is a plain fixed-width value (no footer
+    /// entry ahead): they can be read with [`next_plain`](Self::next_plain).
+    pub(crate) fn all_plain(&self) -> bool {
+        self.kind != 0 && self.failures.is_empty()
+    }
+
+    /// The next entry, known plain (see [`all_plain`](Self::all_plain)).
+    #[inline(always)]
+    pub(crate) fn next_plain<R: DeserializeOwned>(&mut self) -> Result<R> {
+        codec::fixed::take::<R>(&mut self.rest, self.kind)
+            .map_err(|_| invalid("fixed-width result entry"))
+    }
+
     /// `Err` unless every byte of the entries was read: a frame whose
     /// entries do not decode to exactly their bytes (a width mismatch) is
     /// broken, not silently misread.

@@ -70,35 +70,101 @@ fn next_item<T: DeserializeOwned>(input: &mut &[u8], kind: u8) -> Result<T, Stri
     }
 }
 
-/// Runs `f(item)` under `catch_unwind` and appends its entry.
-#[inline(always)]
-fn run_item<R: Serialize + DeserializeOwned>(run: impl FnOnce() -> R, sink: &mut Sink<'_>) -> bool {
-    match unwind::catch(run) {
-        Ok(r) => wire::push_value(sink, &r),
-        Err(report) => {
-            wire::push_panic(sink.out, &report);
-            false
+/// A run of a chunk's items for one call of a trampoline: where results
+/// go, how many items it may run, and the worker's counters. The
+/// trampoline runs items until the budget is spent or results are due to
+/// be written (a full buffer, or the flush interval passed).
+pub(crate) struct Batch<'a> {
+    pub(crate) sink: Sink<'a>,
+    /// Items this call may run.
+    budget: u32,
+    /// Items it ran (each with its entry appended).
+    ran: u32,
+    progress: &'a Progress,
+    /// Items started in the worker's life.
+    seq: &'a mut u64,
+    clock: &'a mut Clock,
+    last_flush: u64,
+    /// The call stopped because results are due to be written.
+    flush_due: bool,
+}
+
+impl Batch<'_> {
+    /// Runs items while the budget lasts: each decoded, passed to `call`
+    /// under one `catch_unwind` for the whole run (a panic fails its item,
+    /// appends its entry, and the run goes on with the next item), its
+    /// entry appended. `Err(message)`: the next item does not decode (its
+    /// `started` count is stored, no entry appended).
+    #[inline(always)]
+    fn run<T: DeserializeOwned, R: Serialize + DeserializeOwned>(
+        &mut self,
+        input: &mut &[u8],
+        kind: u8,
+        mut call: impl FnMut(T) -> R,
+    ) -> Result<(), String> {
+        while self.ran < self.budget && !self.flush_due {
+            let mut entry_at = self.sink.out.len();
+            let run = unwind::catch(|| -> Result<(), String> {
+                while self.ran < self.budget {
+                    self.progress
+                        .started
+                        .store(*self.seq + 1, Ordering::Relaxed);
+                    let item = next_item::<T>(input, kind)?;
+                    entry_at = self.sink.out.len();
+                    let r = call(item);
+                    let ok = wire::push_value(&mut self.sink, &r);
+                    self.sink.frame.entry(ok);
+                    self.finished();
+                    if self.ran < self.budget
+                        && (self.sink.out.len() >= FLUSH_BYTES
+                            || self.clock.passed(self.last_flush, FLUSH_INTERVAL_NS))
+                    {
+                        self.flush_due = true;
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            match run {
+                Ok(r) => return r,
+                Err(report) => {
+                    // The task (or its result's `Serialize`) panicked: drop
+                    // what the entry had written, and report the panic.
+                    self.sink.out.truncate(entry_at);
+                    wire::push_panic(self.sink.out, &report);
+                    self.sink.frame.entry(false);
+                    self.finished();
+                }
+            }
         }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn finished(&mut self) {
+        self.progress
+            .finished
+            .store(*self.seq + 1, Ordering::Relaxed);
+        *self.seq += 1;
+        self.ran += 1;
     }
 }
 
-/// The trampoline of `map`: decodes one `T`, runs `f` under
-/// `catch_unwind`, appends the result entry. With `out` `None` the item is
-/// decoded and dropped (skipped).
+/// The trampoline of `map`: runs a batch of items through `f` (or, with no
+/// batch, decodes one item and drops it: skipped).
 pub(crate) fn tramp_map<T: DeserializeOwned, R: Serialize + DeserializeOwned>(
     f: usize,
     _ctx: &mut Option<Box<dyn Any>>,
     _raw: Option<&[u8]>,
     input: &mut &[u8],
     kind: u8,
-    out: Option<&mut Sink<'_>>,
-) -> Result<bool, String> {
-    let item = next_item::<T>(input, kind)?;
-    let Some(sink) = out else {
-        return Ok(true);
+    batch: Option<&mut Batch<'_>>,
+) -> Result<(), String> {
+    let Some(batch) = batch else {
+        return next_item::<T>(input, kind).map(drop);
     };
     let f: fn(T) -> R = sys::fn_from_addr(f);
-    Ok(run_item(move || f(item), sink))
+    batch.run(input, kind, f)
 }
 
 /// The trampoline of `map_with`: as [`tramp_map`], with the job's context
@@ -113,11 +179,10 @@ pub(crate) fn tramp_with<
     raw: Option<&[u8]>,
     input: &mut &[u8],
     kind: u8,
-    out: Option<&mut Sink<'_>>,
-) -> Result<bool, String> {
-    let item = next_item::<T>(input, kind)?;
-    let Some(sink) = out else {
-        return Ok(true);
+    batch: Option<&mut Batch<'_>>,
+) -> Result<(), String> {
+    let Some(batch) = batch else {
+        return next_item::<T>(input, kind).map(drop);
     };
     if ctx.is_none() {
         let raw = raw.ok_or("the job's context was never received")?;
@@ -129,7 +194,7 @@ pub(crate) fn tramp_with<
         .and_then(|c| c.downcast_ref::<C>())
         .ok_or("the job's context has another type")?;
     let f: fn(&C, T) -> R = sys::fn_from_addr(f);
-    Ok(run_item(move || f(c, item), sink))
+    batch.run(input, kind, |item| f(c, item))
 }
 
 /// A job's context in this worker: the bytes, and the value once decoded.
@@ -319,47 +384,61 @@ impl Worker<'_> {
         }
         let frame = &mut self.frame;
         frame.begin(&mut self.out, chunk, start);
-        for i in start..end {
-            self.progress.started.store(self.seq + 1, Ordering::Relaxed);
-            let ok = match &bad {
+        let mut i = start;
+        while i < end {
+            let due = match &bad {
+                // Items after one that did not decode cannot be found.
                 Some(msg) => {
+                    self.progress.started.store(self.seq + 1, Ordering::Relaxed);
                     wire::push_bad_input(&mut self.out, msg);
-                    false
+                    frame.entry(false);
+                    self.progress
+                        .finished
+                        .store(self.seq + 1, Ordering::Relaxed);
+                    self.seq += 1;
+                    i += 1;
+                    self.out.len() >= FLUSH_BYTES
+                        || self.clock.passed(self.last_flush, FLUSH_INTERVAL_NS)
                 }
-                None => match tramp(
-                    f,
-                    value,
-                    raw,
-                    &mut items,
-                    kind,
-                    Some(&mut Sink {
-                        out: &mut self.out,
-                        frame,
-                        region: self.region.as_deref(),
-                    }),
-                ) {
-                    Ok(ok) => ok,
-                    Err(e) => {
+                None => {
+                    let mut batch = Batch {
+                        sink: Sink {
+                            out: &mut self.out,
+                            frame,
+                            region: self.region.as_deref(),
+                        },
+                        budget: end - i,
+                        ran: 0,
+                        progress: self.progress,
+                        seq: &mut self.seq,
+                        clock: &mut self.clock,
+                        last_flush: self.last_flush,
+                        flush_due: false,
+                    };
+                    let r = tramp(f, value, raw, &mut items, kind, Some(&mut batch));
+                    let (ran, due) = (batch.ran, batch.flush_due);
+                    i += ran;
+                    if let Err(e) = r {
+                        // Its `started` count is stored: the entry and
+                        // `finished` complete it.
                         wire::push_bad_input(&mut self.out, &e);
+                        frame.entry(false);
+                        self.progress
+                            .finished
+                            .store(self.seq + 1, Ordering::Relaxed);
+                        self.seq += 1;
+                        i += 1;
                         bad = Some(e);
-                        false
                     }
-                },
+                    due
+                }
             };
-            frame.entry(ok);
-            self.progress
-                .finished
-                .store(self.seq + 1, Ordering::Relaxed);
-            self.seq += 1;
-            if i + 1 < end
-                && (self.out.len() >= FLUSH_BYTES
-                    || self.clock.passed(self.last_flush, FLUSH_INTERVAL_NS))
-            {
+            if due && i < end {
                 frame.close(&mut self.out);
                 if !flush(self.sock, &mut self.out, &mut self.last_flush) {
                     return false;
                 }
-                frame.begin(&mut self.out, chunk, i + 1);
+                frame.begin(&mut self.out, chunk, i);
             }
         }
         frame.close(&mut self.out);

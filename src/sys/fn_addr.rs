@@ -10,21 +10,20 @@ use std::os::fd::OwnedFd;
 
 /// The signature of the pool's monomorphized trampolines: `(the user's
 /// function address, the decoded context, the raw context, the chunk's
-/// remaining item bytes, their fixed-width kind (0: postcard), the output
-/// buffer and its frame's value encoding, or `None` to skip the item)` ->
-/// `Ok(true)` for a plain value entry, `Ok(false)` for a footer entry (a
-/// panic, or a value outside the frame's encoding), `Err(message)` when an
-/// input item cannot be decoded. Defined here because its address crosses
-/// `fork` (see [`fn_from_addr`]); its one argument of the pool's
-/// own type is where the result entry goes.
+/// remaining item bytes, their fixed-width kind (0: postcard), the batch
+/// to run (where result entries go, how many items, the worker's counters),
+/// or `None` to decode and skip one item)` -> `Err(message)` when an input
+/// item cannot be decoded. Defined here because its address crosses `fork`
+/// (see [`fn_from_addr`]); its one argument of the pool's own type is the
+/// batch.
 pub(crate) type Trampoline = fn(
     usize,
     &mut Option<Box<dyn Any>>,
     Option<&[u8]>,
     &mut &[u8],
     u8,
-    Option<&mut crate::pool::Sink<'_>>,
-) -> Result<bool, String>;
+    Option<&mut crate::pool::Batch<'_>>,
+) -> Result<(), String>;
 
 /// The signature of a fork-server task's trampoline: `(the user's function
 /// address, the encoded argument) -> exit code`.

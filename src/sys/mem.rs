@@ -81,6 +81,25 @@ impl<T: 'static> LeakedCell<T> {
     }
 }
 
+/// The bitmap words and masks of bits `start..end`.
+fn bit_masks(start: usize, end: usize) -> impl Iterator<Item = (usize, u64)> {
+    let words = if start < end {
+        start / 64..(end - 1) / 64 + 1
+    } else {
+        0..0
+    };
+    words.map(move |w| {
+        let lo = start.max(w * 64) - w * 64;
+        let hi = end.min(w * 64 + 64) - w * 64;
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        (w, mask)
+    })
+}
+
 /// A fixed number of result slots filled in any order, each exactly once,
 /// then turned into a `Vec<R>` in place: the pool decodes every result
 /// straight into its final position (no `Option` per item, no second copy
@@ -125,6 +144,48 @@ impl<R> Slots<R> {
         self.filled[word] |= bit;
         self.count += 1;
         Ok(())
+    }
+
+    /// Puts the values `next` gives in slots `start..start + n`, in order:
+    /// `Err(None)` (nothing written) if the range is out of bounds or a slot
+    /// in it is taken; `Err(Some(e))` if `next` fails, the values before it
+    /// kept.
+    #[inline]
+    pub(crate) fn put_run<E>(
+        &mut self,
+        start: usize,
+        n: usize,
+        mut next: impl FnMut() -> std::result::Result<R, E>,
+    ) -> std::result::Result<(), Option<E>> {
+        let end = start.checked_add(n).filter(|&e| e <= self.buf.len());
+        let Some(end) = end else {
+            return Err(None);
+        };
+        if bit_masks(start, end).any(|(w, m)| self.filled[w] & m != 0) {
+            return Err(None);
+        }
+        let mut failed = None;
+        let mut i = start;
+        for slot in &mut self.buf[start..end] {
+            match next() {
+                Ok(v) => {
+                    slot.write(v);
+                    i += 1;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        for (w, m) in bit_masks(start, i) {
+            self.filled[w] |= m;
+        }
+        self.count += i - start;
+        match failed {
+            None => Ok(()),
+            e => Err(e),
+        }
     }
 
     /// The values in slot order, if every slot holds one.
@@ -175,7 +236,46 @@ impl<R> std::fmt::Debug for Slots<R> {
 
 #[cfg(test)]
 mod tests {
-    use super::extend_small;
+    use super::{extend_small, Slots};
+
+    #[test]
+    fn runs_of_slots_fill_once_and_keep_what_came_before_a_failure() {
+        let mut s: Slots<String> = Slots::new(200);
+        let mut k = 0;
+        let mut next = || -> Result<String, &str> {
+            k += 1;
+            Ok(k.to_string())
+        };
+        assert!(s.put_run(60, 100, &mut next).is_ok());
+        // Overlapping, out of range: refused, nothing written.
+        assert!(matches!(s.put_run(150, 20, &mut next), Err(None)));
+        assert!(matches!(s.put_run(190, 20, &mut next), Err(None)));
+        assert!(s.put(100, "x".into()).is_err());
+        // A failure keeps the values before it (dropped with the slots).
+        let mut n = 0;
+        let r = s.put_run(0, 60, || {
+            n += 1;
+            if n == 30 {
+                Err("bad")
+            } else {
+                Ok(String::from("y"))
+            }
+        });
+        assert!(matches!(r, Err(Some("bad"))));
+        assert!(s.put(28, "z".into()).is_err(), "kept");
+        assert!(s.put(29, "z".into()).is_ok(), "not written");
+        for i in (30..60).chain(160..200) {
+            s.put(i, "w".into()).unwrap();
+        }
+        assert!(matches!(
+            s.put_run(0, 28, || Ok::<_, ()>(String::new())),
+            Err(None)
+        ));
+        let v = s.into_vec().expect("every slot holds a value");
+        assert_eq!(v.len(), 200);
+        assert_eq!((&*v[60], &*v[159]), ("1", "100"));
+        assert_eq!((&*v[28], &*v[29]), ("y", "z"));
+    }
 
     #[test]
     fn every_small_length_appends_exactly_its_bytes() {
