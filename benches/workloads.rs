@@ -134,6 +134,27 @@ fn w3(pool: &Pool, reps: usize) {
         &args64,
         1,
     );
+    // One 64 MiB message each way between two processes over `pipe()`.
+    let (mut here, mut there) = multiproc::pipe().unwrap();
+    let mut echo = Process::new(move || {
+        while let Some(b) = there.recv::<Option<ByteBuf>>().unwrap() {
+            there.send(&b).unwrap();
+        }
+    });
+    echo.start().unwrap();
+    let msg = Some(big[0].clone());
+    let mut conn = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        here.send(&msg).unwrap();
+        let back: ByteBuf = here.recv().unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        assert_eq!(back.len(), BIG);
+        conn.push((2 * BIG) as f64 / 1e6 / dt);
+    }
+    here.send(&None::<ByteBuf>).unwrap();
+    echo.join().unwrap();
+    emit("W3", "connection_roundtrip_64MiB", "MB_per_s", &conn, 1);
 }
 
 fn w4(pool: &Pool, reps: usize) {

@@ -210,3 +210,65 @@ fn never_reads_past_the_current_message() {
     );
     assert_eq!(b.recv::<u8>().unwrap(), 2);
 }
+
+/// Large messages: exact round trips up to 64 MiB across a fork, then fds
+/// and mappings flat.
+#[test]
+fn large_messages_through_memfds_round_trip_and_leak_nothing() {
+    let (mut parent, mut child) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        while let Some(buf) = child.recv::<Option<serde_bytes::ByteBuf>>().unwrap() {
+            child.send(&buf).unwrap();
+        }
+    });
+    p.start().unwrap();
+    let p = common::Reaped(p);
+    for (i, size) in [(1usize << 20) - 1, 1 << 20, 3 << 20, 64 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let buf: Vec<u8> = (0..size).map(|k| (k % 251) as u8 ^ i as u8).collect();
+        parent
+            .send(&Some(serde_bytes::ByteBuf::from(buf.clone())))
+            .unwrap();
+        let back: serde_bytes::ByteBuf = parent.recv_timeout(DEADLINE).unwrap().expect("echo");
+        assert!(back[..] == buf[..], "size {size}");
+    }
+    let fds = common::fd_count();
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count();
+    for _ in 0..50 {
+        parent
+            .send(&Some(serde_bytes::ByteBuf::from(vec![7u8; 2 << 20])))
+            .unwrap();
+        let back: serde_bytes::ByteBuf = parent.recv_timeout(DEADLINE).unwrap().expect("echo");
+        assert_eq!(back.len(), 2 << 20);
+    }
+    // Other tests' threads open fds too: allow them a little slack.
+    assert!(
+        common::fd_count() <= fds + 8,
+        "fds {fds} -> {}",
+        common::fd_count()
+    );
+    let after = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count();
+    assert!(after <= maps + 16, "mappings {maps} -> {after}");
+    parent.send(&None::<serde_bytes::ByteBuf>).unwrap();
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
+
+/// A `Connection` over a plain pipe carries large messages too.
+#[test]
+fn large_messages_over_a_plain_pipe_take_the_stream() {
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let (mut rx, mut tx) = (Connection::from_fd(r), Connection::from_fd(w));
+    let buf = serde_bytes::ByteBuf::from(vec![5u8; 3 << 20]);
+    let sender = std::thread::spawn(move || tx.send(&buf).map(|()| tx));
+    let got: serde_bytes::ByteBuf = rx.recv_timeout(DEADLINE).unwrap().expect("message");
+    assert!(got.iter().all(|&b| b == 5) && got.len() == 3 << 20);
+    sender.join().unwrap().unwrap();
+}
