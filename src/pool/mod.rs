@@ -61,6 +61,11 @@
 //! one chunk. It writes its buffered results when the chunk ends and no other
 //! chunk is already buffered, when 1 ms passed since the last write, or past
 //! 256 KiB: tiny tasks cost no system call each, slow ones stream at once.
+//! Items run in batches inside the trampoline (`worker::Batch`): one
+//! monomorphized loop decodes, calls and encodes item after item under one
+//! `catch_unwind` (a panic fails its item and the loop goes on with the
+//! next), and reads the coarse clock every item while items are slow, every
+//! 2, 4, ... up to 64 items while they are faster than its tick.
 //!
 //! ## Which item was running
 //!
