@@ -25,6 +25,11 @@ pub(crate) mod fixed;
 /// Bytes of the length header in front of every payload.
 pub(crate) const HEADER_LEN: usize = 8;
 
+/// The top bit of a header flags the frame (the rest is the length): a
+/// [`Connection`](crate::Connection) marks a message whose value is in its
+/// shared region, the payload being only where. Other readers ignore it.
+pub(crate) const FLAGGED: u64 = 1 << 63;
+
 /// The default limit on one frame's payload: 1 GiB.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 1 << 30;
 
@@ -159,10 +164,13 @@ pub(crate) fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
 }
 
 /// The payload length announced by a complete header, checked against `limit`.
-fn payload_len(header: &[u8], limit: usize) -> Result<usize, CodecError> {
+fn payload_len(header: &[u8], limit: usize, flags: bool) -> Result<usize, CodecError> {
     let mut bytes = [0u8; HEADER_LEN];
     bytes.copy_from_slice(&header[..HEADER_LEN]);
-    let len = u64::from_le_bytes(bytes);
+    let mut len = u64::from_le_bytes(bytes);
+    if flags {
+        len &= !FLAGGED;
+    }
     if len > limit as u64 {
         return Err(CodecError::new(CodecErrorKind::Oversize { len, limit }));
     }
@@ -196,6 +204,9 @@ pub(crate) struct FrameReader {
     /// The last `fill` got fewer bytes than it asked for: the fd had no
     /// more for now.
     drained: bool,
+    /// Headers may be [`FLAGGED`] (a [`Connection`](crate::Connection)'s
+    /// reader); elsewhere the top bit is part of the length (oversize).
+    flags: bool,
 }
 
 impl FrameReader {
@@ -207,7 +218,15 @@ impl FrameReader {
             limit,
             greedy,
             drained: false,
+            flags: false,
         }
+    }
+
+    /// A reader that accepts [`FLAGGED`] headers (see
+    /// [`next_flagged`](FrameReader::next_flagged)).
+    pub(crate) fn with_flags(mut self) -> FrameReader {
+        self.flags = true;
+        self
     }
 
     pub(crate) fn set_limit(&mut self, limit: usize) {
@@ -229,7 +248,7 @@ impl FrameReader {
         if self.pending() < HEADER_LEN {
             return Ok(None);
         }
-        let len = payload_len(&self.buf[self.start..self.end], self.limit)?;
+        let len = payload_len(&self.buf[self.start..self.end], self.limit, self.flags)?;
         Ok(Some(HEADER_LEN + len))
     }
 
@@ -261,7 +280,17 @@ impl FrameReader {
         Ok(Some(&self.buf[payload]))
     }
 
+    /// The next whole frame's payload, and whether its header is
+    /// [`FLAGGED`].
+    pub(crate) fn next_flagged(&mut self) -> Result<Option<(bool, &[u8])>> {
+        let flagged = self.flags
+            && self.pending() >= HEADER_LEN
+            && self.buf[self.start + HEADER_LEN - 1] & 0x80 != 0;
+        Ok(self.next_payload()?.map(|p| (flagged, p)))
+    }
+
     /// Decodes the next whole frame, if one is buffered.
+    #[cfg(test)]
     pub(crate) fn next_value<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
         match self.next_payload()? {
             Some(payload) => decode(payload).map(Some),
@@ -298,6 +327,14 @@ impl FrameReader {
     /// buffer read by read, and a peer's 8-byte header alone cannot make
     /// the reader allocate (and zero) the whole limit.
     pub(crate) fn fill(&mut self, fd: BorrowedFd<'_>) -> Result<Fill> {
+        self.fill_from(|buf| sys::read(fd, buf))
+    }
+
+    /// [`fill`](FrameReader::fill) with `read` in place of `read(2)`.
+    pub(crate) fn fill_from(
+        &mut self,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+    ) -> Result<Fill> {
         let want = self.want()?;
         let room = want.min(self.pending().max(MIN_READ));
         if self.start == self.end {
@@ -318,7 +355,7 @@ impl FrameReader {
         } else {
             self.end + want.min(self.buf.len() - self.end)
         };
-        let n = sys::read(fd, &mut self.buf[self.end..upto])?;
+        let n = read(&mut self.buf[self.end..upto])?;
         if n == 0 {
             return if self.pending() == 0 {
                 Ok(Fill::Eof)

@@ -1,16 +1,32 @@
 //! `pipe()` and [`Connection`]: a framed duplex channel (Python's
 //! `multiprocessing.Pipe`).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::codec::{self, Fill, FrameReader, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
-use crate::error::{Error, Result};
+use crate::codec::{self, Fill, FrameReader, DEFAULT_MAX_FRAME_LEN, FLAGGED, HEADER_LEN};
+use crate::error::{CodecError, CodecErrorKind, Error, Result};
+use crate::pool::payload::{ResultRegion, SharedResults};
 use crate::sys;
+
+/// Values that encode to at least this many bytes go through the sending
+/// end's shared region (over a Unix socket): encoded straight into it and
+/// decoded straight out of it, instead of two more copies through the
+/// socket's buffers.
+const SHARED_MIN: usize = 256 * 1024;
+
+/// Fds received ahead of their messages that an end keeps at most.
+const MAX_QUEUED_FDS: usize = 8;
+
+fn broken(what: &str) -> Error {
+    CodecError::new(CodecErrorKind::Invalid(format!("connection: {what}"))).into()
+}
 
 /// A deadline so far away that it never passes (for overflowing timeouts).
 pub(crate) fn far_future() -> Instant {
@@ -66,6 +82,17 @@ pub fn pipe() -> Result<(Connection, Connection)> {
 /// [`Error::Codec`]; a peer that closed its end is an
 /// [`Error::Io`] of kind `UnexpectedEof` (see [`Error::is_disconnected`]).
 ///
+/// Over a Unix socket (every [`pipe`]), a value that encodes to 256 KiB or
+/// more does not go through the socket: the sending end encodes it straight
+/// into a shared memory region of its own (a memfd, handed to the peer with
+/// the first such message) and the peer decodes it in place and frees the
+/// space, so a 64 MiB message costs two copies instead of four. Each end's
+/// region reserves 2 GiB of address space (nothing until written) and keeps
+/// up to 128 MiB of freed pages for the next messages; when it is full,
+/// values take the socket. An end is meant to be used by one process (move
+/// it into the child): two processes sending on copies of the same end
+/// would share one region.
+///
 /// A `Connection` never reads past the end of the message it is receiving,
 /// so the fd stays readable while messages are pending and [`wait`](crate::wait)
 /// or any poller (mio, tokio's `AsyncFd`) can watch it.
@@ -73,15 +100,29 @@ pub struct Connection {
     fd: OwnedFd,
     reader: FrameReader,
     wbuf: Vec<u8>,
+    /// The fd is a Unix socket: a region's memfd can travel with a message.
+    socket: bool,
+    /// This end's region for large values it sends, and its memfd until
+    /// the peer has it.
+    tx: Option<(Arc<ResultRegion>, Option<OwnedFd>)>,
+    /// The peer's region, mapped from the memfd its first large message
+    /// brought.
+    rx: Option<Arc<ResultRegion>>,
+    /// Memfds received, not yet taken by their message.
+    fds: VecDeque<OwnedFd>,
 }
 
 impl Connection {
     /// Wraps a connected stream fd (a socket or a pipe end) as a `Connection`.
     pub fn from_fd(fd: OwnedFd) -> Connection {
         Connection {
+            socket: sys::is_unix_socket(fd.as_fd()),
             fd,
-            reader: FrameReader::new(DEFAULT_MAX_FRAME_LEN, false),
+            reader: FrameReader::new(DEFAULT_MAX_FRAME_LEN, false).with_flags(),
             wbuf: Vec::new(),
+            tx: None,
+            rx: None,
+            fds: VecDeque::new(),
         }
     }
 
@@ -109,6 +150,11 @@ impl Connection {
     /// than [`max_frame_len`](Connection::max_frame_len) bytes; [`Error::Io`]
     /// if the write fails (`BrokenPipe` once the peer closed its end).
     pub fn send<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
+        if self.socket && codec::encodes_to_at_least(value, SHARED_MIN) {
+            if let Some(sent) = self.send_shared(value) {
+                return sent;
+            }
+        }
         self.wbuf.clear();
         codec::encode_frame(value, &mut self.wbuf)?;
         let len = self.wbuf.len() - HEADER_LEN;
@@ -120,6 +166,94 @@ impl Connection {
             self.wbuf = Vec::new();
         }
         res.map_err(Error::from)
+    }
+
+    /// Sends a large value through this end's region: `None` when it has
+    /// no room (or cannot be made), and the value goes in the stream.
+    fn send_shared<T: Serialize + ?Sized>(&mut self, value: &T) -> Option<Result<()>> {
+        let len = match codec::encoded_len(value) {
+            Ok(n) => n,
+            Err(e) => return Some(Err(e)),
+        };
+        if len > self.reader.limit() {
+            return Some(Err(codec::oversize_on_send(len, self.reader.limit())));
+        }
+        if self.tx.is_none() {
+            let (region, fd) = ResultRegion::new().ok()?;
+            self.tx = Some((Arc::new(region), Some(fd)));
+        }
+        let (region, memfd) = self.tx.as_mut()?;
+        let offset = region.alloc(len)?;
+        match region
+            .mapping()
+            .write_with(offset, len, |b| codec::encode_into(value, b))
+        {
+            Ok(Ok(n)) if n == len => {}
+            Ok(Err(e)) => {
+                region.unalloc(offset, len);
+                return Some(Err(e));
+            }
+            _ => {
+                region.unalloc(offset, len);
+                return None;
+            }
+        }
+        let mut frame = [0u8; HEADER_LEN + 16];
+        frame[..8].copy_from_slice(&(16 | FLAGGED).to_le_bytes());
+        frame[8..16].copy_from_slice(&(offset as u64).to_le_bytes());
+        frame[16..].copy_from_slice(&(len as u64).to_le_bytes());
+        let sent = match memfd.take() {
+            Some(fd) => sys::send_with_fds(self.fd.as_fd(), &frame, &[fd.as_fd()]),
+            None => sys::write_all(self.fd.as_fd(), &frame),
+        };
+        if sent.is_err() {
+            region.unalloc(offset, len);
+        }
+        Some(sent.map_err(Error::from))
+    }
+
+    /// One read of the stream; over a socket, memfds that come with it are
+    /// queued for their messages.
+    fn fill(&mut self) -> Result<Fill> {
+        if !self.socket {
+            return self.reader.fill(self.fd.as_fd());
+        }
+        let (fd, fds) = (self.fd.as_fd(), &mut self.fds);
+        self.reader.fill_from(|buf| {
+            let (n, got) = sys::recv_with_fds(fd, buf)?;
+            if fds.len() + got.len() > MAX_QUEUED_FDS {
+                return Err(std::io::Error::other("too many fds sent on a connection"));
+            }
+            fds.extend(got);
+            Ok(n)
+        })
+    }
+
+    /// The next whole message, if one is buffered: decoded from the stream,
+    /// or from the peer's region (then freed there).
+    fn take<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
+        let (offset, len) = match self.reader.next_flagged()? {
+            None => return Ok(None),
+            Some((false, payload)) => return codec::decode(payload).map(Some),
+            Some((true, p)) if p.len() == 16 => (
+                u64::from_le_bytes(p[..8].try_into().expect("8 bytes")),
+                u64::from_le_bytes(p[8..].try_into().expect("8 bytes")),
+            ),
+            Some((true, _)) => return Err(broken("a shared message of the wrong size")),
+        };
+        if let Some(fd) = self.fds.pop_front() {
+            self.rx = Some(Arc::new(ResultRegion::from_fd(fd.as_fd())?));
+        }
+        let region = self
+            .rx
+            .clone()
+            .ok_or_else(|| broken("a shared message before its region"))?;
+        if !region.check(offset, len) || len > self.reader.limit() as u64 {
+            return Err(broken("a shared message outside its region"));
+        }
+        let shared = SharedResults::new(region, vec![(offset as usize, len as usize)]);
+        let bytes = shared.get(0).ok_or_else(|| broken("range"))?;
+        codec::decode(bytes).map(Some)
     }
 
     /// Receives one value, blocking until it has arrived whole.
@@ -154,7 +288,7 @@ impl Connection {
         deadline: Option<Instant>,
     ) -> Result<Option<T>> {
         loop {
-            if let Some(v) = self.reader.next_value()? {
+            if let Some(v) = self.take()? {
                 return Ok(Some(v));
             }
             if let Some(d) = deadline {
@@ -163,7 +297,7 @@ impl Connection {
                     return Ok(None);
                 }
             }
-            if self.reader.fill(self.fd.as_fd())? == Fill::Eof {
+            if self.fill()? == Fill::Eof {
                 return Err(Error::disconnected());
             }
         }
@@ -172,12 +306,12 @@ impl Connection {
     /// Reads whatever is available without blocking past one `read(2)` of a
     /// readable fd; used by callers that poll the fd themselves.
     pub(crate) fn fill_once(&mut self) -> Result<Fill> {
-        self.reader.fill(self.fd.as_fd())
+        self.fill()
     }
 
     /// Decodes a message if one is buffered whole.
     pub(crate) fn try_take<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
-        self.reader.next_value()
+        self.take()
     }
 
     /// Bytes of a partly received message held in this end's buffer.

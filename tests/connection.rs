@@ -272,3 +272,82 @@ fn large_messages_over_a_plain_pipe_take_the_stream() {
     assert!(got.iter().all(|&b| b == 5) && got.len() == 3 << 20);
     sender.join().unwrap().unwrap();
 }
+
+/// Small and large messages interleaved, both ways: each arrives whole, in
+/// order (large ones through the sending end's region, small ones in the
+/// stream), and a large message nobody reads yet does not block the next.
+#[test]
+fn small_and_large_messages_keep_their_order() {
+    let (mut a, mut b) = pipe().unwrap();
+    let sizes = [
+        10usize,
+        300_000,
+        5,
+        1 << 20,
+        0,
+        2 << 20,
+        7,
+        256 * 1024,
+        256 * 1024 - 1,
+    ];
+    for (i, &n) in sizes.iter().enumerate() {
+        a.send(&serde_bytes::ByteBuf::from(vec![i as u8; n]))
+            .unwrap();
+    }
+    for (i, &n) in sizes.iter().enumerate() {
+        let got: serde_bytes::ByteBuf = b.recv_timeout(DEADLINE).unwrap().expect("message");
+        assert_eq!(got.len(), n, "message {i}");
+        assert!(got.iter().all(|&x| x == i as u8), "message {i}");
+    }
+    b.send(&serde_bytes::ByteBuf::from(vec![9u8; 3 << 20]))
+        .unwrap();
+    b.send("after").unwrap();
+    assert_eq!(a.recv::<serde_bytes::ByteBuf>().unwrap().len(), 3 << 20);
+    assert_eq!(a.recv::<String>().unwrap(), "after");
+}
+
+/// A peer that sends a region message with no region, a range outside the
+/// region, or a region message of the wrong size: a codec error each time,
+/// never a hang or a read out of bounds.
+#[test]
+fn broken_region_messages_are_errors() {
+    let flagged = |payload: &[u8]| {
+        let mut f = ((payload.len() as u64) | (1u64 << 63))
+            .to_le_bytes()
+            .to_vec();
+        f.extend_from_slice(payload);
+        f
+    };
+    let range = |o: u64, l: u64| [o.to_le_bytes(), l.to_le_bytes()].concat();
+    // No region was ever sent.
+    let (mut raw, mut conn) = raw_pair();
+    raw.write_all(&flagged(&range(65536, 10))).unwrap();
+    assert!(matches!(
+        conn.recv_timeout::<Vec<u8>>(DEADLINE),
+        Err(Error::Codec(_))
+    ));
+    // A wrong size.
+    let (mut raw, mut conn) = raw_pair();
+    raw.write_all(&flagged(b"abc")).unwrap();
+    assert!(matches!(
+        conn.recv_timeout::<Vec<u8>>(DEADLINE),
+        Err(Error::Codec(_))
+    ));
+    // A real region (from a real large message), then a range outside it.
+    let (mut a, mut b) = pipe().unwrap();
+    a.send(&serde_bytes::ByteBuf::from(vec![1u8; 1 << 20]))
+        .unwrap();
+    assert_eq!(b.recv::<serde_bytes::ByteBuf>().unwrap().len(), 1 << 20);
+    let fd = a.into_fd();
+    let mut raw = UnixStream::from(fd);
+    raw.write_all(&flagged(&range(1 << 40, 10))).unwrap();
+    assert!(matches!(
+        b.recv_timeout::<Vec<u8>>(DEADLINE),
+        Err(Error::Codec(_))
+    ));
+    raw.write_all(&flagged(&range(65536 + 1, 10))).unwrap();
+    assert!(matches!(
+        b.recv_timeout::<Vec<u8>>(DEADLINE),
+        Err(Error::Codec(_))
+    ));
+}

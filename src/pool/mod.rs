@@ -111,7 +111,7 @@ mod iter;
 mod jobs;
 mod ledger;
 mod mailbox;
-mod payload;
+pub(crate) mod payload;
 mod protocol;
 mod result;
 mod start;

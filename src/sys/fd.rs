@@ -338,6 +338,11 @@ pub(crate) fn recv_with_fds(
     }
 }
 
+/// Whether `fd` is a Unix domain socket (fds can travel with its bytes).
+pub(crate) fn is_unix_socket(fd: BorrowedFd<'_>) -> bool {
+    socket::getsockname::<socket::UnixAddr>(fd.as_raw_fd()).is_ok()
+}
+
 /// `recv(MSG_DONTWAIT)`: `None` if nothing is there yet, else the bytes
 /// read (0 at end of file).
 pub(crate) fn recv_nonblocking(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
