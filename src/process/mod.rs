@@ -86,6 +86,8 @@ pub struct Process {
     start_method: Option<StartMethod>,
     ident: String,
     name: String,
+    /// The name was given with [`with_name`](Process::with_name).
+    named: bool,
     daemon: bool,
     /// Listed in the registry (`active_children`, the at-exit finalizer).
     /// Pool workers are not: decided before the fork, never undone.
@@ -108,6 +110,7 @@ impl Process {
             start_method: None,
             name: format!("Process-{ident}"),
             ident,
+            named: false,
             daemon: false,
             registered: true,
             child: None,
@@ -190,9 +193,12 @@ impl Process {
     }
 
     /// Sets the process's name (shown by [`current_process`] in the child,
-    /// and, cut to 15 bytes, by `ps`).
+    /// and, cut to 15 bytes, by `ps`). A process left with its default name
+    /// `Process-N` keeps its parent's command name in `ps`, as in Python
+    /// (setting it costs the child a system call at start).
     pub fn with_name(mut self, name: impl Into<String>) -> Process {
         self.name = name.into();
+        self.named = true;
         self
     }
 
@@ -280,12 +286,14 @@ impl Process {
 
     /// The spec of this process's child, prepared in the parent.
     pub(crate) fn spec(&self) -> ChildSpec {
+        let parent = current_process();
         ChildSpec {
             ident: self.ident.clone(),
             name: self.name.clone(),
+            named: self.named,
             daemon: self.daemon,
-            parent: current_process(),
-            init: ChildInit::prepare(self.daemon.then_some(Sig::SIGKILL)),
+            init: ChildInit::prepare_in(parent.pid, self.daemon.then_some(Sig::SIGKILL)),
+            parent,
             registered: self.registered,
         }
     }

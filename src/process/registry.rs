@@ -33,11 +33,6 @@ pub(crate) fn forget_child(pid: u32) {
     registry().retain(|c| c.popen.pid() != pid);
 }
 
-/// A snapshot of the registry.
-pub(crate) fn children() -> Vec<Arc<Child>> {
-    registry().clone()
-}
-
 /// The live children of the current process (started with [`Process`](crate::Process) or
 /// [`spawn`](crate::spawn) and not yet finished). Reaps the finished ones on
 /// the way, so a program that drops its handles leaves no zombie behind.
@@ -118,8 +113,15 @@ fn reaper_loop(wake: std::os::fd::OwnedFd) {
 /// still alive after [`DAEMON_GRACE`](crate::DAEMON_GRACE), one grace for
 /// them all), then a wait for every other child.
 pub(crate) fn finalize_children() {
-    reap_finished();
-    let children = children();
+    let children = {
+        let mut reg = registry();
+        if reg.is_empty() {
+            // The common end of a child: nothing to stop, nothing to wait for.
+            return;
+        }
+        reg.retain(|c| matches!(c.popen.poll(), Ok(None)));
+        reg.clone()
+    };
     // One grace for all the daemonic children, not one each.
     let daemonic: Vec<&Popen> = children
         .iter()

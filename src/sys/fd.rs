@@ -18,6 +18,16 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
+/// An fd that is readable forever (at end of file, hung up): the read end
+/// of a `pipe2(O_CLOEXEC)` whose write end is closed at once. The sentinel
+/// of a child that was reaped before anyone asked for its sentinel; unlike a
+/// regular file it can be registered with epoll (mio, tokio's `AsyncFd`).
+pub(crate) fn ended_pipe() -> io::Result<OwnedFd> {
+    let (r, w) = pipe()?;
+    drop(w);
+    Ok(r)
+}
+
 /// A connected `AF_UNIX` stream socket pair with `SOCK_CLOEXEC`, each end
 /// asked for `buffer` bytes of send and receive buffer (the kernel caps it
 /// at `wmem_max`/`rmem_max`; a failure to enlarge is ignored).
@@ -159,6 +169,23 @@ pub(crate) fn prepare_dev_null() -> io::Result<()> {
 /// (a daemon closes every inherited fd); the next use opens a new one.
 pub(crate) fn forget_dev_null() {
     DEV_NULL.store(-1, std::sync::atomic::Ordering::Release);
+}
+
+/// The shared `/dev/null` fd ([`prepare_dev_null`]), opened if it is not
+/// yet: `poll(2)` finds it readable at once. The last resort of a sentinel
+/// when no fd of its own can be opened (the fd limit): a waiter then wakes,
+/// finds the child still running and waits again.
+pub(crate) fn dev_null() -> io::Result<BorrowedFd<'static>> {
+    prepare_dev_null()?;
+    let raw = DEV_NULL.load(std::sync::atomic::Ordering::Acquire);
+    if raw < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: `raw` is the `/dev/null` fd opened by `prepare_dev_null`,
+    // never handed out as owned. The only code of the crate that closes it
+    // is `close_fds_except` (a daemon's setup, single-threaded, which then
+    // forgets the number), as for `stdin_from_dev_null`'s borrow.
+    Ok(unsafe { BorrowedFd::borrow_raw(raw) })
 }
 
 /// Points fd 0 at `/dev/null` (one `dup2` when [`prepare_dev_null`] ran).
