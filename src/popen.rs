@@ -588,6 +588,43 @@ mod tests {
     }
 
     #[test]
+    fn the_lazy_sentinel_of_a_zombie_is_its_pidfd() {
+        if !sys::pidfd_supported() {
+            return;
+        }
+        let p = Popen::fork(|| 6).unwrap();
+        assert!(p.sentinel.get().is_none());
+        // Exited, not reaped: the pidfd still names it, and is readable.
+        sys::wait_exited(p.pid).unwrap();
+        let fd = p.sentinel_fd().unwrap();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert!(link.to_string_lossy().contains("pidfd"), "{link:?}");
+        assert_eq!(
+            sys::poll_readable(&[fd], Some(Duration::ZERO)).unwrap(),
+            vec![0]
+        );
+        assert_eq!(p.poll().unwrap(), Some(6));
+    }
+
+    #[test]
+    fn a_sentinel_asked_for_after_the_reap_is_an_ended_pipe() {
+        let p = Popen::fork(|| 0).unwrap();
+        assert_eq!(p.wait(None).unwrap(), Some(0));
+        let fd = p.sentinel();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert!(
+            link.to_string_lossy().starts_with("pipe:") || !sys::pidfd_supported(),
+            "{link:?}"
+        );
+        assert_eq!(
+            sys::poll_readable(&[fd], Some(Duration::ZERO)).unwrap(),
+            vec![0]
+        );
+        let mut b = [0u8; 1];
+        assert_eq!(sys::read(fd, &mut b).unwrap(), 0);
+    }
+
+    #[test]
     fn killed_by_signal_is_negative() {
         let (r, w) = sys::pipe().unwrap();
         let p = Popen::fork(move || {
