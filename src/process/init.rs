@@ -201,7 +201,11 @@ pub(crate) fn bootstrap(
         Ok(()) => 0,
         Err(_) => crate::exitcode::PANICKED,
     };
-    crate::finalize::shutdown();
+    // Most children have none: then finalizing is skipped without a call
+    // into code the child has not touched yet (a page fault each).
+    if super::registry::has_children() {
+        crate::finalize::shutdown();
+    }
     code
 }
 

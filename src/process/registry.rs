@@ -24,6 +24,12 @@ pub(crate) fn registry() -> MutexGuard<'static, Vec<Arc<Child>>> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether the registry lists any child (reaped or not).
+#[inline]
+pub(crate) fn has_children() -> bool {
+    !registry().is_empty()
+}
+
 /// Reaps every finished child in the registry and drops it from there.
 pub(crate) fn reap_finished() {
     registry().retain(|c| matches!(c.popen.poll(), Ok(None)));

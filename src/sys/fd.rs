@@ -144,23 +144,35 @@ static DEV_NULL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::ne
 
 /// Opens the shared `/dev/null` if it is not open yet. Call before forking:
 /// the child then finds it open.
+#[inline]
 pub(crate) fn prepare_dev_null() -> io::Result<()> {
+    if DEV_NULL.load(std::sync::atomic::Ordering::Acquire) < 0 {
+        open_dev_null()?;
+    }
+    Ok(())
+}
+
+/// The slow path of [`prepare_dev_null`], kept out of line: `open`'s path
+/// conversion reserves a 1 KiB buffer on the stack, which inlined would
+/// deepen every frame of the fork path (each page of stack the parent
+/// writes after a fork is one more copy-on-write fault).
+#[cold]
+#[inline(never)]
+fn open_dev_null() -> io::Result<()> {
     use std::os::fd::IntoRawFd;
     use std::sync::atomic::Ordering;
-    if DEV_NULL.load(Ordering::Acquire) < 0 {
-        let null = nix::fcntl::open(
-            "/dev/null",
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )?;
-        let raw = null.into_raw_fd();
-        if DEV_NULL
-            .compare_exchange(-1, raw, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            // Another thread won the race: ours is surplus.
-            close_raw(raw);
-        }
+    let null = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let raw = null.into_raw_fd();
+    if DEV_NULL
+        .compare_exchange(-1, raw, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        // Another thread won the race: ours is surplus.
+        close_raw(raw);
     }
     Ok(())
 }
