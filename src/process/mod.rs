@@ -383,6 +383,21 @@ impl Process {
     /// An fd that polls readable once the child has exited (its pidfd, or a
     /// sentinel pipe on old kernels), for `poll`/epoll, mio or tokio's
     /// `AsyncFd`, or [`wait`](crate::wait). `None` before start.
+    ///
+    /// The pidfd is opened by the first call, not by
+    /// [`start`](Process::start): a process that is only joined costs no fd.
+    /// After the child was reaped (joined), the sentinel is an fd that is
+    /// readable at once. See [`Popen::sentinel`] for the fd limit.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut p = multiproc::Process::new(|| {});
+    /// p.start()?;
+    /// let ready = multiproc::wait(&[p.sentinel().unwrap()], Some(Duration::from_secs(10)))?;
+    /// assert_eq!(ready, vec![0]);
+    /// assert_eq!(p.join()?, 0);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
     pub fn sentinel(&self) -> Option<BorrowedFd<'_>> {
         self.child.as_ref().map(|c| c.popen.sentinel())
     }
