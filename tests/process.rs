@@ -547,3 +547,43 @@ fn no_fd_leaked_across_1000_starts() {
         .expect("1000 starts did not end in time");
     assert_eq!((after, live), (before, 0));
 }
+
+#[test]
+fn at_the_fd_limit_the_sentinel_degrades_to_always_readable() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // In a child of its own: the fd limit and the fds filling it up to the
+    // limit must not reach the other tests of this binary.
+    let mut h = multiproc::spawn(|| {
+        let (tx, mut rx) = pipe().unwrap();
+        let mut p = Process::new(move || {
+            let mut tx = tx;
+            let _ = tx.recv::<()>();
+        });
+        p.start().unwrap();
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, common::fd_count() as u64 + 4, hard).unwrap();
+        let mut filler = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            filler.push(f);
+        }
+        // No fd left for the pidfd: a sentinel that polls readable (a
+        // spurious wake-up), and waits that neither fail nor spin forever.
+        let sentinel = p.sentinel().expect("started").as_raw_fd();
+        let link = std::fs::read_link(format!("/proc/self/fd/{sentinel}")).unwrap();
+        let timed = p.join_timeout(Duration::from_millis(120)).unwrap();
+        let alive = p.is_alive();
+        drop(filler);
+        rx.send(&()).unwrap();
+        let code = p.join_timeout(DEADLINE).unwrap();
+        (link.to_string_lossy().into_owned(), timed, alive, code)
+    })
+    .unwrap();
+    let (link, timed, alive, code) = h
+        .join_timeout(Duration::from_secs(60))
+        .unwrap()
+        .expect("the child did not end in time");
+    assert_eq!(link, "/dev/null");
+    assert_eq!(timed, None);
+    assert!(alive);
+    assert_eq!(code, Some(0));
+}

@@ -98,7 +98,9 @@ fn reaper_loop(wake: std::os::fd::OwnedFd) {
             .cloned()
             .collect();
         let mut fds = vec![wake.as_fd()];
-        fds.extend(orphans.iter().map(|c| c.popen.sentinel()));
+        // A sentinel that cannot be opened now (the fd limit) is left out:
+        // the slice below bounds the sleep, and the next turn tries again.
+        fds.extend(orphans.iter().filter_map(|c| c.popen.sentinel_fd().ok()));
         let timeout = if orphans.is_empty() {
             None
         } else {

@@ -24,9 +24,10 @@ pub(crate) fn mark_main_process() {
 }
 
 /// Flushes the std streams; errors (a closed stdout) are ignored on purpose.
+/// Only stdout holds a buffer: std's stderr is unbuffered, and flushing it
+/// would only take and release its lock.
 pub(crate) fn flush_std_streams() {
     let _ = io::stdout().flush();
-    let _ = io::stderr().flush();
 }
 
 /// `fork` with the stdout and stderr locks held (stdout flushed) across it:
