@@ -9,7 +9,8 @@
 //! Run with `cargo bench --bench foundation`. One line per figure, in the
 //! form of `../shared/anchors`: `<id> <name> <key>=<median> reps=<n> min=<min> max=<max>`.
 //! A number scales the repetitions (`-- 200`); `loops` runs only the
-//! back-to-back loops (`-- loops`).
+//! back-to-back loops (`-- loops`); `bare` or `process` only that one loop
+//! (for `perf stat` and `strace -c` of one kind of child).
 
 mod common;
 
@@ -60,7 +61,9 @@ fn process_start_join() {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reps = args.iter().find_map(|a| a.parse().ok()).unwrap_or(1000);
-    let only_loops = args.iter().any(|a| a == "loops");
+    let has = |w: &str| args.iter().any(|a| a == w);
+    let only_one = has("bare") || has("process");
+    let only_loops = has("loops") || only_one;
     // Warm up lazy statics, the pidfd probe and the page cache.
     for _ in 0..20 {
         process_start_join();
@@ -79,8 +82,18 @@ fn main() {
         });
         emit("F2", "spawn_roundtrip_u64", "us", &spawned, 1);
     }
-    // The loops, alternated so that both see the same machine.
     const N: usize = 1000;
+    if only_one {
+        let (name, op): (&str, fn()) = if has("bare") {
+            ("bare_fork_wait_loop", bare_fork_wait)
+        } else {
+            ("process_start_join_loop", process_start_join)
+        };
+        let per: Vec<f64> = (0..(reps / 100).max(3)).map(|_| per_turn(N, op)).collect();
+        emit("F3", name, "us", &per, 1);
+        return;
+    }
+    // The loops, alternated so that both see the same machine.
     let (mut bare, mut ours, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..(reps / 100).max(3) {
         let b = per_turn(N, bare_fork_wait);

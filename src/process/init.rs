@@ -176,6 +176,7 @@ impl Boot {
 /// `current_process()`, stdin from /dev/null, the after-fork hooks, the
 /// target under `catch_unwind`, then finalize our own children. Every task
 /// child runs it: forked by the caller or by the fork server.
+#[inline]
 pub(crate) fn bootstrap(
     registry: Option<MutexGuard<'static, Vec<Arc<Child>>>>,
     boot: Boot,
