@@ -107,7 +107,7 @@ const THREAD_CHECK_INTERVAL_MS: u64 = 250;
 
 /// Warns once, through `log`, when a fork happens in a multi-threaded parent.
 pub(crate) fn warn_if_threaded() {
-    if MULTI_THREAD_WARNED.load(Ordering::Relaxed) {
+    if MULTI_THREAD_WARNED.load(Ordering::Relaxed) || sys::single_threaded() {
         return;
     }
     let now = CHECK_EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64;
