@@ -89,9 +89,11 @@ impl Popen {
     /// `child` is caught: one line on stderr, exit code 1.
     ///
     /// # Errors
-    /// [`Error::Io`] if `fork` fails (`EAGAIN`: process limit, `ENOMEM`) or
-    /// no pidfd/sentinel can be opened for the child (it is then killed and
-    /// reaped before the error is returned).
+    /// [`Error::Io`] if `fork` fails (`EAGAIN`: process limit, `ENOMEM`), or
+    /// if the fds it needs before the fork cannot be opened (the sentinel
+    /// pipe on kernels without pidfds; once per process, `/dev/null`). The
+    /// pidfd itself is opened later, on first use (see
+    /// [`sentinel`](Popen::sentinel)).
     pub fn fork<F: FnOnce() -> i32>(child: F) -> Result<Popen> {
         unwind::install_hook();
         Popen::fork_lazy(move || unwind::catch(child).unwrap_or(crate::exitcode::PANICKED))
