@@ -5,7 +5,8 @@
 //! `<W> <name> <key>=<median> reps=<n> min=<min> max=<max>`, the median,
 //! minimum and maximum over repetitions inside the run, with the same names
 //! as the anchors so the outputs pair line by line. 2 worker processes.
-//! An optional argument scales the repetitions (`-- 3`).
+//! An optional argument scales the repetitions (`-- 3`); workload names
+//! select which run (`-- w1`, `-- w2 w4 3`; all of them when none is given).
 
 mod common;
 
@@ -209,33 +210,32 @@ fn w5(reps: usize) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; a number scales the repetitions.
-    let reps: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(5);
-    // Other words pick workloads (`-- w2 w3`); none: all of them.
-    let picked: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a.starts_with('w') || a.starts_with('W'))
-        .map(|a| a.to_lowercase())
+    // `cargo bench` passes `--bench`; a number scales the repetitions;
+    // `w1`..`w5` pick workloads (all when none is named).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let reps: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5);
+    let picked: Vec<String> = args
+        .iter()
+        .map(|a| a.to_ascii_lowercase())
+        .filter(|a| a.len() == 2 && a.starts_with('w'))
         .collect();
     let run = |w: &str| picked.is_empty() || picked.iter().any(|p| p == w);
     if run("w1") {
         w1(reps);
     }
-    let pool = Pool::new(2).unwrap();
-    if run("w2") {
-        w2(&pool, reps);
-        w2_lifecycle(reps);
+    if run("w2") || run("w3") || run("w4") {
+        let pool = Pool::new(2).unwrap();
+        if run("w2") {
+            w2(&pool, reps);
+            w2_lifecycle(reps);
+        }
+        if run("w3") {
+            w3(&pool, reps);
+        }
+        if run("w4") {
+            w4(&pool, reps);
+        }
     }
-    if run("w3") {
-        w3(&pool, reps);
-    }
-    if run("w4") {
-        w4(&pool, reps);
-    }
-    drop(pool);
     if run("w5") {
         w5(reps.clamp(1, 3));
     }

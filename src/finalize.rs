@@ -91,7 +91,12 @@ static FINALIZE_CHILDREN: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets what [`shutdown`] runs (once per program; a child inherits it).
 pub(crate) fn set_children_finalizer(f: fn()) {
-    FINALIZE_CHILDREN.store(sys::fn_addr(f), Ordering::Release);
+    let f = sys::fn_addr(f);
+    // Stored once: a write on every start would dirty the page again after
+    // each fork (a copy-on-write fault in the parent).
+    if FINALIZE_CHILDREN.load(Ordering::Acquire) != f {
+        FINALIZE_CHILDREN.store(f, Ordering::Release);
+    }
 }
 
 /// Ends the current process with `code`, as `sys.exit` does in a Python

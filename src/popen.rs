@@ -3,7 +3,7 @@
 use std::fmt;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -18,6 +18,13 @@ const PIPE_SENTINEL_SLICE: Duration = Duration::from_millis(50);
 /// One forked child: its pid, an fd that becomes readable when it exits (a
 /// pidfd, or the read end of a pipe whose only writer is the child), and its
 /// cached exit code once reaped.
+///
+/// The pidfd is opened on first use ([`sentinel`](Popen::sentinel), a
+/// [`wait`](Popen::wait) with a timeout on a running child), not at the
+/// fork: a child that is only ever joined costs no fd. It is opened while
+/// the child is still unreaped (the pid cannot name another process then);
+/// asked for after the child was reaped, the sentinel is an fd that is
+/// always readable.
 ///
 /// `Popen` is the low-level layer under [`Process`](crate::Process): it
 /// forks, runs a closure in the child and leaves with `_exit` of the value
@@ -45,8 +52,10 @@ pub struct Popen {
     pid: Pid,
     /// Readable once the status can be taken: the pidfd or sentinel pipe of
     /// a direct child; for a child of the fork server, the socket on which
-    /// the server reports its status.
-    sentinel: OwnedFd,
+    /// the server reports its status. Empty until first asked for when it
+    /// is a direct child's pidfd (see [`Popen::sentinel_fd`]); only set with
+    /// `returncode` locked.
+    sentinel: OnceLock<OwnedFd>,
     /// Whether `sentinel` is reliable (a pidfd, or the server's socket):
     /// else a pipe, which a grandchild can hold open past the child's exit.
     pidfd: bool,
@@ -80,18 +89,37 @@ impl Popen {
     /// `child` is caught: one line on stderr, exit code 1.
     ///
     /// # Errors
-    /// [`Error::Io`] if `fork` fails (`EAGAIN`: process limit, `ENOMEM`) or
-    /// no pidfd/sentinel can be opened for the child (it is then killed and
-    /// reaped before the error is returned).
+    /// [`Error::Io`] if `fork` fails (`EAGAIN`: process limit, `ENOMEM`), or
+    /// if the fds it needs before the fork cannot be opened (the sentinel
+    /// pipe on kernels without pidfds; once per process, `/dev/null`). The
+    /// pidfd itself is opened later, on first use (see
+    /// [`sentinel`](Popen::sentinel)).
     pub fn fork<F: FnOnce() -> i32>(child: F) -> Result<Popen> {
         unwind::install_hook();
-        Popen::fork_raw(move || unwind::catch(child).unwrap_or(crate::exitcode::PANICKED))
+        Popen::fork_lazy(move || unwind::catch(child).unwrap_or(crate::exitcode::PANICKED))
     }
 
     /// Forks a child that runs `child`; the closure's value is the exit code.
-    /// No panic handling: callers wrap `child` themselves.
+    /// No panic handling: callers wrap `child` themselves. The pidfd is
+    /// opened right after the fork (the fork server hands it on at once).
     pub(crate) fn fork_raw<F: FnOnce() -> i32>(child: F) -> Result<Popen> {
+        Popen::fork_with(child, false)
+    }
+
+    /// As [`fork_raw`](Popen::fork_raw), but the pidfd is opened on first
+    /// use: the fork path of [`Process`](crate::Process) and [`Popen::fork`].
+    pub(crate) fn fork_lazy<F: FnOnce() -> i32>(child: F) -> Result<Popen> {
+        Popen::fork_with(child, true)
+    }
+
+    fn fork_with<F: FnOnce() -> i32>(child: F, lazy: bool) -> Result<Popen> {
         let (use_pidfd, pipe_r, pipe_w) = sentinel_pipe()?;
+        let lazy = lazy && use_pidfd;
+        if lazy {
+            // The last resort of `sentinel()` (see there), opened once per
+            // process: it cannot be missing later for want of an fd.
+            sys::prepare_dev_null()?;
+        }
         let read_raw = pipe_r.as_ref().map(sys::raw);
         let pid = sys::fork_child(move || {
             // Child: keep the sentinel's write end open until `_exit` (its
@@ -102,7 +130,10 @@ impl Popen {
             mem::forget(pipe_w);
             child()
         })?;
-        let sentinel = sentinel_of(pid, pipe_r)?;
+        let sentinel = OnceLock::new();
+        if !lazy {
+            let _ = sentinel.set(sentinel_of(pid, pipe_r)?);
+        }
         Ok(Popen {
             pid,
             sentinel,
@@ -119,7 +150,7 @@ impl Popen {
     pub(crate) fn through_server(pid: u32, pidfd: OwnedFd, status: OwnedFd) -> Popen {
         Popen {
             pid: Pid::from_raw(pid as i32),
-            sentinel: status,
+            sentinel: OnceLock::from(status),
             pidfd: true,
             how: Seam::Server {
                 pidfd,
@@ -141,7 +172,7 @@ impl Popen {
             return Ok(None);
         };
         drop(pipe_w);
-        let sentinel = sentinel_of(pid, pipe_r)?;
+        let sentinel = OnceLock::from(sentinel_of(pid, pipe_r)?);
         Ok(Some(Popen {
             pid,
             sentinel,
@@ -204,7 +235,7 @@ impl Popen {
         use std::sync::atomic::Ordering;
         if !server_gone.load(Ordering::Relaxed) {
             let mut code = [0u8; 4];
-            match sys::recv_nonblocking(self.sentinel.as_fd(), &mut code)? {
+            match sys::recv_nonblocking(self.sentinel_fd()?, &mut code)? {
                 Some(4) => return Ok(Some(i32::from_le_bytes(code))),
                 None => return Ok(None),
                 // End of file (or a torn report): the server is gone
@@ -220,42 +251,74 @@ impl Popen {
         }
     }
 
-    /// The fd to sleep on until the status can be taken.
-    fn wait_fd(&self) -> BorrowedFd<'_> {
+    /// The fd to sleep on until the status can be taken; an error if it
+    /// must be opened now and cannot be (the fd limit).
+    fn wait_fd(&self) -> std::io::Result<BorrowedFd<'_>> {
         match &self.how {
             Seam::Server { pidfd, server_gone }
                 if server_gone.load(std::sync::atomic::Ordering::Relaxed) =>
             {
-                pidfd.as_fd()
+                Ok(pidfd.as_fd())
             }
-            _ => self.sentinel.as_fd(),
+            _ => self.sentinel_fd(),
         }
     }
 
+    /// Whether sleeping on [`wait_fd`](Popen::wait_fd) is enough: else the
+    /// sleep is cut into [`PIPE_SENTINEL_SLICE`]s (a sentinel pipe can be
+    /// held open past the exit by a grandchild; no fd could be opened).
+    fn sentinel_reliable(&self) -> bool {
+        self.pidfd && (self.sentinel.get().is_some() || !matches!(self.how, Seam::Direct))
+    }
+
     /// Waits for the child to exit, at most `timeout` (`None`: no limit).
-    /// Returns its exit code, or `None` on timeout. Sleeps on the child's
-    /// pidfd (or sentinel pipe): no busy polling.
+    /// Returns its exit code, or `None` on timeout. No busy polling: without
+    /// a timeout it blocks in `waitid(2)` (no fd needed); with one it sleeps
+    /// on the child's pidfd (or sentinel pipe).
     ///
     /// # Errors
     /// As [`poll`](Popen::poll).
     pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<i32>> {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         if let Some(code) = self.returncode() {
             return Ok(Some(code));
         }
-        loop {
-            // Sleep on the sentinel first (it is readable at once if the
-            // child already exited), then reap: one `poll` and one `waitpid`.
-            let mut left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if !self.pidfd {
-                left = Some(left.map_or(PIPE_SENTINEL_SLICE, |l| l.min(PIPE_SENTINEL_SLICE)));
+        if timeout.is_none() && matches!(self.how, Seam::Direct) {
+            // Block until it has exited without reaping it, then reap
+            // under the lock: one `waitid` and one `waitpid`. A plain
+            // blocking `waitpid` would reap outside the lock, and a signal
+            // sent meanwhile by another thread could hit a recycled pid
+            // (see `sys::wait_exited`).
+            loop {
+                sys::wait_exited(self.pid)?;
+                if let Some(code) = self.poll()? {
+                    return Ok(Some(code));
+                }
             }
-            sys::poll_readable(&[self.wait_fd()], left)?;
+        }
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            // Reap first (a child that has exited needs no sentinel), then
+            // sleep on the sentinel: one `waitpid` and one `poll` a turn.
             if let Some(code) = self.poll()? {
                 return Ok(Some(code));
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
                 return Ok(None);
+            }
+            let mut left = deadline.map(|d| d - now);
+            match self.wait_fd() {
+                Ok(fd) => {
+                    if !self.sentinel_reliable() {
+                        left =
+                            Some(left.map_or(PIPE_SENTINEL_SLICE, |l| l.min(PIPE_SENTINEL_SLICE)));
+                    }
+                    sys::poll_readable(&[fd], left)?;
+                }
+                // No fd left for the pidfd: look again in a while.
+                Err(_) => std::thread::sleep(
+                    left.map_or(PIPE_SENTINEL_SLICE, |l| l.min(PIPE_SENTINEL_SLICE)),
+                ),
             }
         }
     }
@@ -307,8 +370,70 @@ impl Popen {
     /// An fd that polls readable once the child has exited: its pidfd, or the
     /// read end of a sentinel pipe on kernels without pidfd. For `poll`,
     /// epoll, mio or tokio's `AsyncFd`; see also [`wait`](crate::wait).
+    ///
+    /// The pidfd is opened by the first call (while the child is unreaped),
+    /// then kept. Asked for once the child has been reaped, the sentinel is
+    /// a fresh fd that is always readable (a pipe at end of file). If no fd
+    /// can be opened (the process is at its fd limit), this call returns a
+    /// shared `/dev/null` fd, which `poll` finds readable at once: a waiter
+    /// then finds the child running with [`poll`](Popen::poll) and waits
+    /// again (a later call tries the pidfd again).
+    ///
+    /// # Panics
+    /// Only if not even `/dev/null` can be opened (at the fd limit, in a
+    /// daemon that closed the one this crate keeps).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let child = multiproc::Popen::fork(|| 0)?;
+    /// assert_eq!(child.wait(None)?, Some(0));
+    /// // Reaped: the sentinel is readable at once.
+    /// let ready = multiproc::wait(&[child.sentinel()], Some(Duration::from_secs(10)))?;
+    /// assert_eq!(ready, vec![0]);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
     pub fn sentinel(&self) -> BorrowedFd<'_> {
-        self.sentinel.as_fd()
+        match self.sentinel_fd() {
+            Ok(fd) => fd,
+            Err(_) => sys::dev_null()
+                .expect("multiproc: no file descriptor left for a sentinel, not even /dev/null"),
+        }
+    }
+
+    /// The sentinel, opened now if it was left for later (see
+    /// [`sentinel`](Popen::sentinel)): the pidfd of a child not yet reaped,
+    /// else an ended pipe. The lock on the exit code is held meanwhile, so
+    /// nobody reaps the child (and frees its pid) between the check and
+    /// `pidfd_open`.
+    ///
+    /// # Errors
+    /// If no fd can be opened (`EMFILE`, `ENFILE`, `ENOMEM`); nothing is
+    /// kept then, so a later call tries again.
+    pub(crate) fn sentinel_fd(&self) -> std::io::Result<BorrowedFd<'_>> {
+        if let Some(fd) = self.sentinel.get() {
+            return Ok(fd.as_fd());
+        }
+        let rc = self.lock();
+        if self.sentinel.get().is_none() {
+            let fd = if rc.is_none() {
+                match sys::pidfd_open(self.pid) {
+                    Ok(fd) => fd,
+                    // Gone already: reaped behind our back (a `waitpid(-1)`
+                    // elsewhere, `SIGCHLD` ignored). `poll` will say so.
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => sys::ended_pipe()?,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                sys::ended_pipe()?
+            };
+            let _ = self.sentinel.set(fd);
+        }
+        drop(rc);
+        Ok(self
+            .sentinel
+            .get()
+            .expect("the sentinel was set above, under the lock")
+            .as_fd())
     }
 }
 
@@ -360,11 +485,13 @@ pub(crate) fn stop_all(children: &[&Popen], first: Sig, grace: Duration) {
             break;
         }
         let mut timeout = deadline.map(|d| d - now);
-        if left.iter().any(|c| !c.pidfd) {
+        let fds: Vec<BorrowedFd<'_>> = left.iter().filter_map(|c| c.wait_fd().ok()).collect();
+        if fds.len() < left.len() || left.iter().any(|c| !c.sentinel_reliable()) {
             timeout = Some(timeout.map_or(PIPE_SENTINEL_SLICE, |t| t.min(PIPE_SENTINEL_SLICE)));
         }
-        let fds: Vec<BorrowedFd<'_>> = left.iter().map(|c| c.wait_fd()).collect();
-        if sys::poll_readable(&fds, timeout).is_err() {
+        if fds.is_empty() {
+            std::thread::sleep(timeout.unwrap_or(PIPE_SENTINEL_SLICE));
+        } else if sys::poll_readable(&fds, timeout).is_err() {
             break;
         }
     }
@@ -380,7 +507,7 @@ impl fmt::Debug for Popen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Popen")
             .field("pid", &self.pid.as_raw())
-            .field("sentinel", &self.sentinel.as_raw_fd())
+            .field("sentinel", &self.sentinel.get().map(|s| s.as_raw_fd()))
             .field("returncode", &self.returncode())
             .field("through_server", &matches!(self.how, Seam::Server { .. }))
             .finish()
@@ -460,6 +587,43 @@ mod tests {
         // Waited for on its pidfd (bounded), then reaped by "the server".
         assert_eq!(p.wait(T).unwrap(), Some(crate::exitcode::UNKNOWN));
         assert_eq!(sys::wait_blocking(pid).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_lazy_sentinel_of_a_zombie_is_its_pidfd() {
+        if !sys::pidfd_supported() {
+            return;
+        }
+        let p = Popen::fork(|| 6).unwrap();
+        assert!(p.sentinel.get().is_none());
+        // Exited, not reaped: the pidfd still names it, and is readable.
+        sys::wait_exited(p.pid).unwrap();
+        let fd = p.sentinel_fd().unwrap();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert!(link.to_string_lossy().contains("pidfd"), "{link:?}");
+        assert_eq!(
+            sys::poll_readable(&[fd], Some(Duration::ZERO)).unwrap(),
+            vec![0]
+        );
+        assert_eq!(p.poll().unwrap(), Some(6));
+    }
+
+    #[test]
+    fn a_sentinel_asked_for_after_the_reap_is_an_ended_pipe() {
+        let p = Popen::fork(|| 0).unwrap();
+        assert_eq!(p.wait(None).unwrap(), Some(0));
+        let fd = p.sentinel();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert!(
+            link.to_string_lossy().starts_with("pipe:") || !sys::pidfd_supported(),
+            "{link:?}"
+        );
+        assert_eq!(
+            sys::poll_readable(&[fd], Some(Duration::ZERO)).unwrap(),
+            vec![0]
+        );
+        let mut b = [0u8; 1];
+        assert_eq!(sys::read(fd, &mut b).unwrap(), 0);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 mod common;
 
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use common::{Reaped, DEADLINE};
@@ -382,4 +382,208 @@ fn child_starts_a_daemon_from_a_short_lived_thread() {
         Some((true, true))
     );
     assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
+
+// ------------------------------------------------ the sentinel, opened lazily
+
+/// The fds of this process that are pidfds of `pid` (`Pid:` in fdinfo).
+fn pidfds_of(pid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter(|info| info.lines().any(|l| l == format!("Pid:\t{pid}")))
+        .count()
+}
+
+#[test]
+fn no_pidfd_until_the_sentinel_is_asked_for() {
+    let (tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        let mut tx = tx;
+        let _ = tx.recv::<()>();
+    });
+    p.start().unwrap();
+    let p = Reaped(p);
+    let pid = p.pid().unwrap();
+    // Asking whether it runs, or for its code without waiting, opens nothing.
+    assert!(p.is_alive());
+    assert_eq!(p.exitcode(), None);
+    assert_eq!(p.join_timeout(Duration::ZERO).unwrap(), None);
+    assert_eq!(pidfds_of(pid), 0);
+    // The sentinel is the pidfd, opened now, and the same fd every time.
+    let first = p.sentinel().unwrap().as_raw_fd();
+    assert_eq!(p.sentinel().unwrap().as_raw_fd(), first);
+    assert_eq!(pidfds_of(pid), 1);
+    assert!(
+        multiproc::wait(&[p.sentinel().unwrap()], Some(Duration::from_millis(20)))
+            .unwrap()
+            .is_empty()
+    );
+    rx.send(&()).unwrap();
+    assert_eq!(
+        multiproc::wait(&[p.sentinel().unwrap()], Some(DEADLINE)).unwrap(),
+        vec![0]
+    );
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
+
+#[test]
+fn sentinel_after_the_child_was_reaped_is_readable() {
+    let mut p = Process::new(|| multiproc::exit(3));
+    p.start().unwrap();
+    let p = Reaped(p);
+    assert_eq!(p.join().unwrap(), 3);
+    // No pidfd can name a reaped child: an fd that is readable at once.
+    let sentinel = p.sentinel().unwrap();
+    let raw = sentinel.as_raw_fd();
+    assert_eq!(
+        multiproc::wait(&[sentinel], Some(DEADLINE)).unwrap(),
+        vec![0]
+    );
+    assert_eq!(p.sentinel().unwrap().as_raw_fd(), raw);
+    assert_eq!(p.exitcode(), Some(3));
+    assert!(!p.is_alive());
+}
+
+#[test]
+fn join_timeout_of_an_exited_child_needs_no_sentinel() {
+    let (mut tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || tx.send(&()).unwrap());
+    p.start().unwrap();
+    let p = Reaped(p);
+    let pid = p.pid().unwrap();
+    rx.recv_timeout::<()>(DEADLINE).unwrap().expect("child ran");
+    // Once it is gone (a zombie), a timed join reaps it without a pidfd.
+    assert!(common::eventually(DEADLINE, || common::is_dead(pid)));
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+    assert_eq!(p.exitcode(), Some(0));
+    let debug = format!("{:?}", p.popen().unwrap());
+    assert!(debug.contains("sentinel: None"), "{debug}");
+}
+
+#[test]
+fn join_while_another_thread_reaps() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // `active_children` reaps finished children from another thread while
+    // `join` blocks: whoever reaps, join returns the child's code.
+    for _ in 0..20 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let reaper = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                while !stop.load(Ordering::Relaxed) && t0.elapsed() < DEADLINE {
+                    let _ = multiproc::active_children();
+                }
+            })
+        };
+        let mut p = Process::new(|| multiproc::exit(5));
+        p.start().unwrap();
+        let p = Reaped(p);
+        let code = p.join();
+        stop.store(true, Ordering::Relaxed);
+        reaper.join().unwrap();
+        assert_eq!(code.unwrap(), 5);
+    }
+}
+
+#[test]
+fn a_default_name_leaves_the_os_name_alone() {
+    let (mut tx, mut rx) = pipe().unwrap();
+    let mut p = Process::new(move || {
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+        tx.send(&(multiproc::current_process().name().to_string(), comm))
+            .unwrap();
+    });
+    p.start().unwrap();
+    let p = Reaped(p);
+    let (name, comm): (String, String) = rx.recv_timeout(DEADLINE).unwrap().expect("no report");
+    assert_eq!(name, p.name());
+    // `ps` shows what it showed for the parent's thread that forked.
+    let ours =
+        std::fs::read_to_string(format!("/proc/self/task/{}/comm", nix::unistd::gettid())).unwrap();
+    assert_eq!(comm, ours);
+    assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0));
+}
+
+#[test]
+fn no_fd_leaked_across_1000_starts() {
+    // Counted in a child of its own: it has one thread, so the other tests
+    // of this binary cannot open or close fds meanwhile.
+    let mut h = multiproc::spawn(|| {
+        let before = common::fd_count();
+        for i in 0..1000 {
+            let mut p = Process::new(|| {});
+            p.start().unwrap();
+            match i % 4 {
+                0 => assert_eq!(p.join().unwrap(), 0),
+                1 => assert_eq!(p.join_timeout(DEADLINE).unwrap(), Some(0)),
+                2 => {
+                    let _ = p.sentinel();
+                    assert_eq!(p.join().unwrap(), 0);
+                    let _ = p.sentinel();
+                }
+                _ => {
+                    let t0 = Instant::now();
+                    while p.is_alive() && t0.elapsed() < DEADLINE {
+                        std::thread::yield_now();
+                    }
+                    assert_eq!(p.exitcode(), Some(0));
+                }
+            }
+        }
+        (
+            before,
+            common::fd_count(),
+            multiproc::active_children().len(),
+        )
+    })
+    .unwrap();
+    let (before, after, live) = h
+        .join_timeout(Duration::from_secs(120))
+        .unwrap()
+        .expect("1000 starts did not end in time");
+    assert_eq!((after, live), (before, 0));
+}
+
+#[test]
+fn at_the_fd_limit_the_sentinel_degrades_to_always_readable() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // In a child of its own: the fd limit and the fds filling it up to the
+    // limit must not reach the other tests of this binary.
+    let mut h = multiproc::spawn(|| {
+        let (tx, mut rx) = pipe().unwrap();
+        let mut p = Process::new(move || {
+            let mut tx = tx;
+            let _ = tx.recv::<()>();
+        });
+        p.start().unwrap();
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, common::fd_count() as u64 + 4, hard).unwrap();
+        let mut filler = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            filler.push(f);
+        }
+        // No fd left for the pidfd: a sentinel that polls readable (a
+        // spurious wake-up), and waits that neither fail nor spin forever.
+        let sentinel = p.sentinel().expect("started").as_raw_fd();
+        let link = std::fs::read_link(format!("/proc/self/fd/{sentinel}")).unwrap();
+        let timed = p.join_timeout(Duration::from_millis(120)).unwrap();
+        let alive = p.is_alive();
+        drop(filler);
+        rx.send(&()).unwrap();
+        let code = p.join_timeout(DEADLINE).unwrap();
+        (link.to_string_lossy().into_owned(), timed, alive, code)
+    })
+    .unwrap();
+    let (link, timed, alive, code) = h
+        .join_timeout(Duration::from_secs(60))
+        .unwrap()
+        .expect("the child did not end in time");
+    assert_eq!(link, "/dev/null");
+    assert_eq!(timed, None);
+    assert!(alive);
+    assert_eq!(code, Some(0));
 }

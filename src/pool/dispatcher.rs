@@ -239,6 +239,14 @@ impl Dispatcher {
         let name = format!("PoolWorker-{}", self.next_name);
         self.next_name += 1;
         let process = super::start::start_worker(self.cfg.start_method, spec, name, fds)?;
+        // The loop polls every worker's sentinel: open it now, so a worker
+        // whose pidfd cannot be opened (the fd limit) fails to start rather
+        // than leave an always-readable stand-in for the loop to spin on.
+        if let Some(Err(e)) = process.popen().map(|p| p.sentinel_fd().map(drop)) {
+            let _ = process.kill();
+            let _ = process.join();
+            return Err(e.into());
+        }
         let pid = process.pid().expect("a started process has a pid");
         let now = Instant::now();
         self.workers[slot] = Some(Worker {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::fork_thread::FORK_THREAD;
 use super::identity::ProcessInfo;
-use super::init::{bootstrap, Target};
+use super::init::{bootstrap, Boot, Target};
 use super::registry::{reap_finished, registry, Child, REAPER};
 use super::spec::ChildSpec;
 use crate::error::Result;
@@ -28,8 +28,9 @@ pub(super) fn fork_registered(spec: ChildSpec, target: Target) -> Result<Arc<Chi
     // release it. In the parent the closure (and the guard) is dropped right
     // after the fork.
     let registered = spec.registered;
+    let boot = Boot::new(spec);
     let guard = registry();
-    let popen = Popen::fork_raw(move || bootstrap(Some(guard), spec, target))?;
+    let popen = Popen::fork_lazy(move || bootstrap(Some(guard), boot, target))?;
     Ok(adopt(popen, info, registered))
 }
 
@@ -66,7 +67,7 @@ pub(crate) fn fork_program() -> Result<Option<Popen>> {
 pub(crate) fn prepare_parent_for(fork_here: bool) -> Result<()> {
     crate::finalize::set_children_finalizer(super::registry::finalize_children);
     crate::finalize::ensure_registered();
-    unwind::set_describer(super::init::describe_for_panics);
+    super::init::set_describer();
     unwind::install_hook();
     if fork_here {
         warn_if_threaded();
@@ -106,7 +107,7 @@ const THREAD_CHECK_INTERVAL_MS: u64 = 250;
 
 /// Warns once, through `log`, when a fork happens in a multi-threaded parent.
 pub(crate) fn warn_if_threaded() {
-    if MULTI_THREAD_WARNED.load(Ordering::Relaxed) {
+    if MULTI_THREAD_WARNED.load(Ordering::Relaxed) || sys::single_threaded() {
         return;
     }
     let now = CHECK_EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64;

@@ -36,6 +36,8 @@ impl ProcessInfo {
 pub(super) struct Identity {
     /// `"1"`, `"1:2"`, …: the path of counters from the main process.
     pub(super) ident: String,
+    /// Name and daemon flag; the pid is read when asked for (`getpid`), so
+    /// the child makes no system call for it at start.
     pub(super) info: ProcessInfo,
     pub(super) parent: ProcessInfo,
 }
@@ -58,7 +60,11 @@ pub(super) fn identity() -> Option<&'static Identity> {
 /// ```
 pub fn current_process() -> ProcessInfo {
     match identity() {
-        Some(id) => id.info.clone(),
+        Some(id) => ProcessInfo {
+            name: id.info.name.clone(),
+            pid: sys::getpid().as_raw() as u32,
+            daemon: id.info.daemon,
+        },
         None => ProcessInfo {
             name: "MainProcess".to_string(),
             pid: sys::getpid().as_raw() as u32,

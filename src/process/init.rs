@@ -1,8 +1,8 @@
 //! The one init every child of the crate runs after the fork: the
 //! after-fork hooks, the death signal, and the bootstrap of a task.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,8 @@ use crate::sys::{self, Sig};
 use crate::unwind;
 
 static AFTER_FORK: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
+/// How many hooks [`AFTER_FORK`] holds: a start with none takes no lock.
+static AFTER_FORK_LEN: AtomicUsize = AtomicUsize::new(0);
 
 /// Registers `hook` to run in every new child, before its target, in
 /// registration order (Python's `os.register_at_fork(after_in_child=...)`).
@@ -36,10 +38,16 @@ static AFTER_FORK: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
 /// # Ok::<(), multiproc::Error>(())
 /// ```
 pub fn register_after_fork(hook: fn()) {
-    AFTER_FORK
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(hook);
+    let mut hooks = AFTER_FORK.lock().unwrap_or_else(|e| e.into_inner());
+    hooks.push(hook);
+    AFTER_FORK_LEN.store(hooks.len(), Ordering::Release);
+}
+
+static DESCRIBER: Once = Once::new();
+
+/// Tells the panic hook how to name a child (once: later calls only read).
+pub(super) fn set_describer() {
+    DESCRIBER.call_once(|| unwind::set_describer(describe_for_panics));
 }
 
 /// The target of a child, boxed.
@@ -63,16 +71,26 @@ pub(crate) struct ChildInit {
 impl ChildInit {
     /// In the parent, before the fork.
     pub(crate) fn prepare(death_signal: Option<Sig>) -> ChildInit {
-        unwind::set_describer(describe_for_panics);
-        ChildInit {
-            death_signal: death_signal.map(|s| s as i32),
-            parent_pid: sys::getpid().as_raw() as u32,
-            after_fork: AFTER_FORK
+        ChildInit::prepare_in(sys::getpid().as_raw() as u32, death_signal)
+    }
+
+    /// [`prepare`](ChildInit::prepare) in the parent whose pid is `parent_pid`.
+    pub(crate) fn prepare_in(parent_pid: u32, death_signal: Option<Sig>) -> ChildInit {
+        set_describer();
+        let after_fork = if AFTER_FORK_LEN.load(Ordering::Acquire) == 0 {
+            Vec::new()
+        } else {
+            AFTER_FORK
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
                 .map(|h| sys::fn_addr(*h))
-                .collect(),
+                .collect()
+        };
+        ChildInit {
+            death_signal: death_signal.map(|s| s as i32),
+            parent_pid,
+            after_fork,
         }
     }
 
@@ -124,37 +142,59 @@ impl ChildInit {
     }
 }
 
+/// A [`ChildSpec`] made ready for [`bootstrap`] before the fork: the
+/// child's identity already boxed, so the child allocates nothing for it.
+pub(crate) struct Boot {
+    identity: Box<Identity>,
+    /// Whether `ps` shows the name (given with `with_name`).
+    os_name: bool,
+    init: ChildInit,
+}
+
+impl Boot {
+    pub(crate) fn new(spec: ChildSpec) -> Boot {
+        Boot {
+            identity: Box::new(Identity {
+                ident: spec.ident,
+                info: ProcessInfo {
+                    name: spec.name,
+                    // Read when asked for (see `Identity::info`).
+                    pid: 0,
+                    daemon: spec.daemon,
+                },
+                parent: spec.parent,
+            }),
+            os_name: spec.named,
+            init: spec.init,
+        }
+    }
+}
+
 /// The child's life, from the fork to the exit code: reset the registry
 /// (`registry` is the guard the forking thread held across the fork, if
 /// any) and counters, arrange to die with the parent if asked, become
 /// `current_process()`, stdin from /dev/null, the after-fork hooks, the
 /// target under `catch_unwind`, then finalize our own children. Every task
 /// child runs it: forked by the caller or by the fork server.
+#[inline]
 pub(crate) fn bootstrap(
     registry: Option<MutexGuard<'static, Vec<Arc<Child>>>>,
-    spec: ChildSpec,
+    boot: Boot,
     target: Target,
 ) -> i32 {
     if let Some(mut r) = registry {
         r.clear();
     }
     COUNTER.store(1, Ordering::Relaxed);
-    if let Err(code) = spec.init.die_with_parent() {
+    if let Err(code) = boot.init.die_with_parent() {
         return code;
     }
-    let me = sys::getpid().as_raw() as u32;
-    sys::set_os_name(&spec.name);
-    IDENTITY.set(Identity {
-        ident: spec.ident,
-        info: ProcessInfo {
-            name: spec.name,
-            pid: me,
-            daemon: spec.daemon,
-        },
-        parent: spec.parent,
-    });
+    if boot.os_name {
+        sys::set_os_name(&boot.identity.info.name);
+    }
+    IDENTITY.set_boxed(boot.identity);
     let _ = sys::stdin_from_dev_null();
-    let init = spec.init;
+    let init = boot.init;
     let code = match unwind::catch(move || {
         init.run_hooks();
         target()
@@ -162,7 +202,11 @@ pub(crate) fn bootstrap(
         Ok(()) => 0,
         Err(_) => crate::exitcode::PANICKED,
     };
-    crate::finalize::shutdown();
+    // Most children have none: then finalizing is skipped without a call
+    // into code the child has not touched yet (a page fault each).
+    if super::registry::has_children() {
+        crate::finalize::shutdown();
+    }
     code
 }
 

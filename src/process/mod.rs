@@ -86,6 +86,8 @@ pub struct Process {
     start_method: Option<StartMethod>,
     ident: String,
     name: String,
+    /// The name was given with [`with_name`](Process::with_name).
+    named: bool,
     daemon: bool,
     /// Listed in the registry (`active_children`, the at-exit finalizer).
     /// Pool workers are not: decided before the fork, never undone.
@@ -108,6 +110,7 @@ impl Process {
             start_method: None,
             name: format!("Process-{ident}"),
             ident,
+            named: false,
             daemon: false,
             registered: true,
             child: None,
@@ -190,9 +193,12 @@ impl Process {
     }
 
     /// Sets the process's name (shown by [`current_process`] in the child,
-    /// and, cut to 15 bytes, by `ps`).
+    /// and, cut to 15 bytes, by `ps`). A process left with its default name
+    /// `Process-N` keeps its parent's command name in `ps`, as in Python
+    /// (setting it costs the child a system call at start).
     pub fn with_name(mut self, name: impl Into<String>) -> Process {
         self.name = name.into();
+        self.named = true;
         self
     }
 
@@ -280,12 +286,14 @@ impl Process {
 
     /// The spec of this process's child, prepared in the parent.
     pub(crate) fn spec(&self) -> ChildSpec {
+        let parent = current_process();
         ChildSpec {
             ident: self.ident.clone(),
             name: self.name.clone(),
+            named: self.named,
             daemon: self.daemon,
-            parent: current_process(),
-            init: ChildInit::prepare(self.daemon.then_some(Sig::SIGKILL)),
+            init: ChildInit::prepare_in(parent.pid, self.daemon.then_some(Sig::SIGKILL)),
+            parent,
             registered: self.registered,
         }
     }
@@ -375,6 +383,21 @@ impl Process {
     /// An fd that polls readable once the child has exited (its pidfd, or a
     /// sentinel pipe on old kernels), for `poll`/epoll, mio or tokio's
     /// `AsyncFd`, or [`wait`](crate::wait). `None` before start.
+    ///
+    /// The pidfd is opened by the first call, not by
+    /// [`start`](Process::start): a process that is only joined costs no fd.
+    /// After the child was reaped (joined), the sentinel is an fd that is
+    /// readable at once. See [`Popen::sentinel`] for the fd limit.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut p = multiproc::Process::new(|| {});
+    /// p.start()?;
+    /// let ready = multiproc::wait(&[p.sentinel().unwrap()], Some(Duration::from_secs(10)))?;
+    /// assert_eq!(ready, vec![0]);
+    /// assert_eq!(p.join()?, 0);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
     pub fn sentinel(&self) -> Option<BorrowedFd<'_>> {
         self.child.as_ref().map(|c| c.popen.sentinel())
     }

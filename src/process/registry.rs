@@ -24,6 +24,12 @@ pub(crate) fn registry() -> MutexGuard<'static, Vec<Arc<Child>>> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether the registry lists any child (reaped or not).
+#[inline]
+pub(crate) fn has_children() -> bool {
+    !registry().is_empty()
+}
+
 /// Reaps every finished child in the registry and drops it from there.
 pub(crate) fn reap_finished() {
     registry().retain(|c| matches!(c.popen.poll(), Ok(None)));
@@ -31,11 +37,6 @@ pub(crate) fn reap_finished() {
 
 pub(crate) fn forget_child(pid: u32) {
     registry().retain(|c| c.popen.pid() != pid);
-}
-
-/// A snapshot of the registry.
-pub(crate) fn children() -> Vec<Arc<Child>> {
-    registry().clone()
 }
 
 /// The live children of the current process (started with [`Process`](crate::Process) or
@@ -97,7 +98,9 @@ fn reaper_loop(wake: std::os::fd::OwnedFd) {
             .cloned()
             .collect();
         let mut fds = vec![wake.as_fd()];
-        fds.extend(orphans.iter().map(|c| c.popen.sentinel()));
+        // A sentinel that cannot be opened now (the fd limit) is left out:
+        // the slice below bounds the sleep, and the next turn tries again.
+        fds.extend(orphans.iter().filter_map(|c| c.popen.sentinel_fd().ok()));
         let timeout = if orphans.is_empty() {
             None
         } else {
@@ -118,8 +121,15 @@ fn reaper_loop(wake: std::os::fd::OwnedFd) {
 /// still alive after [`DAEMON_GRACE`](crate::DAEMON_GRACE), one grace for
 /// them all), then a wait for every other child.
 pub(crate) fn finalize_children() {
-    reap_finished();
-    let children = children();
+    let children = {
+        let mut reg = registry();
+        if reg.is_empty() {
+            // The common end of a child: nothing to stop, nothing to wait for.
+            return;
+        }
+        reg.retain(|c| matches!(c.popen.poll(), Ok(None)));
+        reg.clone()
+    };
     // One grace for all the daemonic children, not one each.
     let daemonic: Vec<&Popen> = children
         .iter()

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::init::{bootstrap, Target};
+use super::init::{bootstrap, Boot, Target};
 use super::spec::ChildSpec;
 use crate::codec;
 use crate::error::Result;
@@ -56,11 +56,11 @@ fn server_child_main(payload: &[u8], fds: Vec<OwnedFd>, server: u32) -> i32 {
     // What the caller sets before its forks, set here for the server's
     // image, which was forked before any (lock-free atomics).
     crate::finalize::set_children_finalizer(super::registry::finalize_children);
-    crate::unwind::set_describer(super::init::describe_for_panics);
+    super::init::set_describer();
     let mut spec = req.spec;
     spec.init.forked_by(server);
     let target: Target = sys::fn_from_addr::<sys::JobMain>(req.job_main)(&req.job, fds);
-    bootstrap(None, spec, target)
+    bootstrap(None, Boot::new(spec), target)
 }
 
 /// A [`Process::from_fn`](crate::Process::from_fn) task: `tramp(f, arg)`.

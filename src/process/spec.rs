@@ -17,6 +17,9 @@ pub(crate) struct ChildSpec {
     /// `"1"`, `"1:2"`, …: the path of counters from the main process.
     pub(crate) ident: String,
     pub(crate) name: String,
+    /// The name was given (`with_name`), not `Process-N`: the child shows it
+    /// to `ps` (`PR_SET_NAME`).
+    pub(crate) named: bool,
     pub(crate) daemon: bool,
     /// The process `parent_process()` names in the child.
     pub(crate) parent: ProcessInfo,
@@ -35,6 +38,7 @@ mod tests {
         let spec = ChildSpec {
             ident: "1:2".into(),
             name: "worker".into(),
+            named: true,
             daemon: true,
             parent: crate::current_process(),
             init: ChildInit::prepare(Some(crate::sys::Sig::SIGKILL)),
@@ -45,7 +49,7 @@ mod tests {
         let back: ChildSpec = crate::codec::decode(&bytes).unwrap();
         assert_eq!(back.name, "worker");
         assert_eq!(back.ident, "1:2");
-        assert!(back.daemon && !back.registered);
+        assert!(back.daemon && back.named && !back.registered);
         assert_eq!(back.parent, spec.parent);
     }
 }

@@ -18,6 +18,16 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
+/// An fd that is readable forever (at end of file, hung up): the read end
+/// of a `pipe2(O_CLOEXEC)` whose write end is closed at once. The sentinel
+/// of a child that was reaped before anyone asked for its sentinel; unlike a
+/// regular file it can be registered with epoll (mio, tokio's `AsyncFd`).
+pub(crate) fn ended_pipe() -> io::Result<OwnedFd> {
+    let (r, w) = pipe()?;
+    drop(w);
+    Ok(r)
+}
+
 /// A connected `AF_UNIX` stream socket pair with `SOCK_CLOEXEC`, each end
 /// asked for `buffer` bytes of send and receive buffer (the kernel caps it
 /// at `wmem_max`/`rmem_max`; a failure to enlarge is ignored).
@@ -134,23 +144,35 @@ static DEV_NULL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::ne
 
 /// Opens the shared `/dev/null` if it is not open yet. Call before forking:
 /// the child then finds it open.
+#[inline]
 pub(crate) fn prepare_dev_null() -> io::Result<()> {
+    if DEV_NULL.load(std::sync::atomic::Ordering::Acquire) < 0 {
+        open_dev_null()?;
+    }
+    Ok(())
+}
+
+/// The slow path of [`prepare_dev_null`], kept out of line: `open`'s path
+/// conversion reserves a 1 KiB buffer on the stack, which inlined would
+/// deepen every frame of the fork path (each page of stack the parent
+/// writes after a fork is one more copy-on-write fault).
+#[cold]
+#[inline(never)]
+fn open_dev_null() -> io::Result<()> {
     use std::os::fd::IntoRawFd;
     use std::sync::atomic::Ordering;
-    if DEV_NULL.load(Ordering::Acquire) < 0 {
-        let null = nix::fcntl::open(
-            "/dev/null",
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )?;
-        let raw = null.into_raw_fd();
-        if DEV_NULL
-            .compare_exchange(-1, raw, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            // Another thread won the race: ours is surplus.
-            close_raw(raw);
-        }
+    let null = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let raw = null.into_raw_fd();
+    if DEV_NULL
+        .compare_exchange(-1, raw, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        // Another thread won the race: ours is surplus.
+        close_raw(raw);
     }
     Ok(())
 }
@@ -159,6 +181,23 @@ pub(crate) fn prepare_dev_null() -> io::Result<()> {
 /// (a daemon closes every inherited fd); the next use opens a new one.
 pub(crate) fn forget_dev_null() {
     DEV_NULL.store(-1, std::sync::atomic::Ordering::Release);
+}
+
+/// The shared `/dev/null` fd ([`prepare_dev_null`]), opened if it is not
+/// yet: `poll(2)` finds it readable at once. The last resort of a sentinel
+/// when no fd of its own can be opened (the fd limit): a waiter then wakes,
+/// finds the child still running and waits again.
+pub(crate) fn dev_null() -> io::Result<BorrowedFd<'static>> {
+    prepare_dev_null()?;
+    let raw = DEV_NULL.load(std::sync::atomic::Ordering::Acquire);
+    if raw < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: `raw` is the `/dev/null` fd opened by `prepare_dev_null`,
+    // never handed out as owned. The only code of the crate that closes it
+    // is `close_fds_except` (a daemon's setup, single-threaded, which then
+    // forgets the number), as for `stdin_from_dev_null`'s borrow.
+    Ok(unsafe { BorrowedFd::borrow_raw(raw) })
 }
 
 /// Points fd 0 at `/dev/null` (one `dup2` when [`prepare_dev_null`] ran).

@@ -24,9 +24,10 @@ pub(crate) fn mark_main_process() {
 }
 
 /// Flushes the std streams; errors (a closed stdout) are ignored on purpose.
+/// Only stdout holds a buffer: std's stderr is unbuffered, and flushing it
+/// would only take and release its lock.
 pub(crate) fn flush_std_streams() {
     let _ = io::stdout().flush();
-    let _ = io::stderr().flush();
 }
 
 /// `fork` with the stdout and stderr locks held (stdout flushed) across it:
@@ -36,19 +37,30 @@ pub(crate) fn flush_std_streams() {
 /// fork (in the child the forking thread is their owner, so releasing is
 /// legal). `Some(pid)` in the parent, `None` in the child.
 ///
+/// In a process that has one thread (see [`single_threaded`]) no other
+/// thread can hold stderr's lock, and none can appear before the fork: it is
+/// left alone. (Stdout's is still taken, for the flush.) Each lock taken is
+/// a page written after every fork on both sides, a copy-on-write fault.
+///
 /// # Safety
 /// In the child, the caller must either never return into frames that
 /// belong to the parent's program (end in `_exit`, as [`fork_child`] does)
 /// or be a documented point where the child becomes the program (as
 /// [`fork_returning`](super::fork_returning) is). Before user code, the
 /// child must take no lock another thread of the parent could have held.
+///
+/// `#[inline]`, as the child's bootstrap: the code a child runs after the
+/// fork then sits with its caller's (a child maps every 64 KiB of code it
+/// runs with a page fault of its own; the parent's mappings of code are not
+/// copied by `fork`).
+#[inline]
 unsafe fn fork_with_std_locks() -> io::Result<Option<Pid>> {
     let mut out = io::stdout().lock();
-    let err = io::stderr().lock();
+    let err = (!single_threaded()).then(|| io::stderr().lock());
     let _ = out.flush();
     // SAFETY: the caller upholds this function's contract for the child;
-    // the only locks this code holds across the fork are the two std
-    // stream locks, released on both sides below.
+    // the only locks this code holds across the fork are the std stream
+    // locks, released on both sides below.
     let forked = unsafe { nix::unistd::fork() };
     drop(err);
     drop(out);
@@ -57,6 +69,39 @@ unsafe fn fork_with_std_locks() -> io::Result<Option<Pid>> {
         Ok(ForkResult::Parent { child }) => Ok(Some(child)),
         Ok(ForkResult::Child) => Ok(None),
     }
+}
+
+/// glibc's `__libc_single_threaded` (2.32 and later), looked up once with
+/// `dlsym` (so that the crate still links and runs where it is missing:
+/// musl, older glibc); null when it is missing.
+static SINGLE_THREADED: std::sync::atomic::AtomicPtr<u8> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+static SINGLE_THREADED_LOOKED_UP: std::sync::Once = std::sync::Once::new();
+
+/// `true` only if the process has exactly one thread, the caller: glibc
+/// sets `__libc_single_threaded` to false when a second thread is created
+/// (`pthread_create`, which every std thread goes through). When it is
+/// true, no other thread exists, and only the caller could start one.
+/// `false` when it cannot be known.
+pub(crate) fn single_threaded() -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    SINGLE_THREADED_LOOKED_UP.call_once(|| {
+        // SAFETY: `dlsym` with `RTLD_DEFAULT` and a NUL-terminated name only
+        // looks a symbol up; it returns its address or null.
+        let p = unsafe {
+            nix::libc::dlsym(nix::libc::RTLD_DEFAULT, c"__libc_single_threaded".as_ptr())
+        };
+        SINGLE_THREADED.store(p.cast(), Ordering::Release);
+    });
+    let p = SINGLE_THREADED.load(Ordering::Acquire);
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: `p` is the address of glibc's `char __libc_single_threaded`,
+    // a variable that lives as long as the process. glibc writes it with
+    // plain stores when threads are created; it documents it for reading
+    // by any code, and a byte read through an atomic is never torn.
+    unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Relaxed) != 0
 }
 
 /// Forks. The parent gets the child's pid; the child runs `child` and leaves
@@ -158,6 +203,25 @@ mod tests {
         })
         .unwrap();
         assert_eq!(sys::wait_blocking(pid).unwrap(), 0);
+    }
+
+    #[test]
+    fn single_threaded_is_false_beside_another_thread() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        assert!(!single_threaded());
+        // A child of a multi-threaded parent keeps glibc's `false` (it
+        // cannot know the other threads are gone): the locks are taken
+        // there, and released, as before.
+        let pid = fork_child(|| {
+            let _o = io::stdout().lock();
+            let _e = io::stderr().lock();
+            0
+        })
+        .unwrap();
+        assert_eq!(sys::wait_blocking(pid).unwrap(), 0);
+        drop(tx);
+        let _ = other.join();
     }
 
     #[test]

@@ -59,6 +59,28 @@ pub(crate) fn wait_blocking(pid: Pid) -> io::Result<i32> {
     }
 }
 
+/// Blocks until `pid` has exited, *without reaping it*
+/// (`waitid(P_PID, pid, WEXITED | WNOWAIT)`), retried on `EINTR`. The
+/// caller then reaps with [`try_wait`] under its own lock, so the pid stays
+/// a zombie (it cannot be recycled) until the exit code is recorded:
+/// a thread that signals the child by pid meanwhile hits the zombie, never
+/// another process. `ECHILD` (the status was taken elsewhere, or the child
+/// is already reaped) returns at once: [`try_wait`] then says what became
+/// of it.
+///
+/// No fd is needed, unlike a sleep on a pidfd. The pid must be an unreaped
+/// child of ours when the call starts.
+pub(crate) fn wait_exited(pid: Pid) -> io::Result<()> {
+    use nix::sys::wait::{waitid, Id};
+    loop {
+        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(_) | Err(Errno::ECHILD) => return Ok(()),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 const PIDFD_UNKNOWN: u8 = 0;
 
 const PIDFD_YES: u8 = 1;
