@@ -85,6 +85,9 @@
 //! inherited fds of the pool (the other workers' sockets and pidfds, the
 //! wake pipe).
 
+// The seam for other backends (MPI); unused without them.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code, unused_imports))]
+pub(crate) mod backend;
 mod dispatcher;
 mod iter;
 mod jobs;

@@ -25,6 +25,8 @@ mod fork;
 mod futex;
 mod mem;
 mod mman;
+#[cfg(feature = "mpi")]
+mod mpi_send;
 mod poll;
 mod proc;
 mod robust;
@@ -38,6 +40,8 @@ pub(crate) use fork::*;
 pub(crate) use futex::*;
 pub(crate) use mem::*;
 pub(crate) use mman::*;
+#[cfg(feature = "mpi")]
+pub(crate) use mpi_send::*;
 pub(crate) use poll::*;
 pub(crate) use proc::*;
 pub(crate) use robust::*;
