@@ -83,7 +83,7 @@ impl Leader {
 
     /// The thread's body: serves until closed and idle, or terminated.
     pub(crate) fn run(mut self) {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::for_this_thread();
         loop {
             let mut progress = false;
             loop {
@@ -117,19 +117,16 @@ impl Leader {
             } else {
                 SENDING_SLEEP
             };
-            match backoff.next(cap) {
-                None => std::thread::yield_now(),
-                // Sleeps on the command channel: a new command wakes it.
-                Some(d) => match self.rx.recv_timeout(d) {
-                    Ok(cmd) => {
-                        backoff.reset();
-                        if !self.command(cmd) {
-                            return self.stop(true);
-                        }
+            // Sleeps on the command channel: a new command wakes it.
+            match self.rx.recv_timeout(backoff.next(cap)) {
+                Ok(cmd) => {
+                    backoff.reset();
+                    if !self.command(cmd) {
+                        return self.stop(true);
                     }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return self.stop(true),
-                },
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return self.stop(true),
             }
         }
     }

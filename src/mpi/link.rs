@@ -3,9 +3,12 @@
 //!
 //! MPICH's blocking calls poll in a busy loop; a rank that waits for long
 //! (rank 0 while the workers compute, a worker rank between jobs) must not
-//! burn a core doing so. Both loops poll nonblocking (`MPI_Iprobe`), yield
-//! for a short while after the last message, then sleep with a delay that
-//! doubles up to [`MAX_SLEEP`].
+//! burn a core doing so. Both loops poll nonblocking (`MPI_Iprobe`) and
+//! sleep between polls: short sleeps ([`HOT_SLEEP`], with the thread's
+//! timer slack lowered so they stay short) for a while after the last
+//! message, then sleeps that double up to [`MAX_SLEEP`]. While they sleep
+//! they wait on what can wake them (the command channel on rank 0, a local
+//! job's mailbox on a worker rank), so only MPI's side is polled.
 
 use std::time::{Duration, Instant};
 
@@ -15,10 +18,10 @@ use ::mpi::topology::{Communicator, SimpleCommunicator};
 use super::wire::TAG;
 use crate::error::{Error, Result};
 
-/// How long a loop keeps yielding (not sleeping) after its last message.
-const HOT: Duration = Duration::from_micros(50);
-/// The first sleep after that.
-const MIN_SLEEP: Duration = Duration::from_micros(10);
+/// How long a loop keeps polling often after its last message.
+const HOT: Duration = Duration::from_millis(1);
+/// The sleep between polls while hot.
+const HOT_SLEEP: Duration = Duration::from_micros(15);
 /// The longest sleep: the worst latency added to a message that arrives
 /// while a rank is idle, and about a thousand cheap wake-ups a second.
 pub(crate) const MAX_SLEEP: Duration = Duration::from_millis(1);
@@ -34,36 +37,38 @@ impl Default for Backoff {
     fn default() -> Self {
         Backoff {
             last: Instant::now(),
-            sleep: MIN_SLEEP,
+            sleep: HOT_SLEEP,
         }
     }
 }
 
 impl Backoff {
-    /// Something happened: poll again at once.
-    pub(crate) fn reset(&mut self) {
-        self.last = Instant::now();
-        self.sleep = MIN_SLEEP;
+    /// For the polling thread: lowers its timer slack so that short
+    /// sleeps are short (best effort).
+    pub(crate) fn for_this_thread() -> Backoff {
+        let _ = crate::sys::set_timer_slack(Duration::from_micros(1));
+        Backoff::default()
     }
 
-    /// How long to wait before the next poll: `None` means yield and poll
-    /// again. `cap` bounds the sleep (a rank with sends in flight polls
-    /// often, so MPI moves their bytes).
-    pub(crate) fn next(&mut self, cap: Duration) -> Option<Duration> {
+    /// Something happened: poll often again.
+    pub(crate) fn reset(&mut self) {
+        self.last = Instant::now();
+        self.sleep = HOT_SLEEP;
+    }
+
+    /// How long to wait before the next poll, at most `cap`.
+    pub(crate) fn next(&mut self, cap: Duration) -> Duration {
         if self.last.elapsed() < HOT {
-            return None;
+            return HOT_SLEEP.min(cap);
         }
         let d = self.sleep.min(cap);
         self.sleep = (self.sleep * 2).min(MAX_SLEEP);
-        Some(d)
+        d
     }
 
-    /// Waits as [`next`](Backoff::next) says.
+    /// Sleeps as [`next`](Backoff::next) says.
     pub(crate) fn wait(&mut self, cap: Duration) {
-        match self.next(cap) {
-            None => std::thread::yield_now(),
-            Some(d) => std::thread::sleep(d),
-        }
+        std::thread::sleep(self.next(cap));
     }
 }
 
@@ -119,22 +124,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_yields_then_sleeps_longer_up_to_the_cap() {
+    fn backoff_polls_often_then_sleeps_longer_up_to_the_cap() {
         let mut b = Backoff::default();
-        assert_eq!(b.next(MAX_SLEEP), None);
+        assert_eq!(b.next(MAX_SLEEP), HOT_SLEEP);
         b.last = Instant::now() - 2 * HOT;
         let mut last = Duration::ZERO;
         for _ in 0..20 {
-            let d = b.next(MAX_SLEEP).expect("sleeps once cold");
+            let d = b.next(MAX_SLEEP);
             assert!(d >= last && d <= MAX_SLEEP);
             last = d;
         }
         assert_eq!(last, MAX_SLEEP);
-        assert_eq!(
-            b.next(Duration::from_micros(20)),
-            Some(Duration::from_micros(20))
-        );
+        assert_eq!(b.next(Duration::from_micros(5)), Duration::from_micros(5));
         b.reset();
-        assert_eq!(b.next(MAX_SLEEP), None);
+        assert_eq!(b.next(MAX_SLEEP), HOT_SLEEP);
     }
 }

@@ -3,6 +3,7 @@
 //! 0, fed with the chunks as they arrive), and sends the raw results back.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use mpi::topology::SimpleCommunicator;
 
@@ -31,7 +32,7 @@ impl Server {
     /// Serves until rank 0 closes the pool; the local pool is closed (or
     /// terminated) and rank 0 told so on the way out.
     pub(crate) fn run(mut self) {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::for_this_thread();
         let now = loop {
             let mut progress = false;
             let mut close = None;
@@ -49,7 +50,7 @@ impl Server {
             if progress {
                 backoff.reset();
             } else {
-                backoff.wait(MAX_SLEEP);
+                self.wait(backoff.next(MAX_SLEEP));
             }
         };
         self.jobs.clear();
@@ -117,6 +118,22 @@ impl Server {
             },
             &[],
         );
+    }
+
+    /// Waits up to `d` for the local pool's next message (forwarded at
+    /// once), or just sleeps when no job runs here.
+    fn wait(&mut self, d: Duration) {
+        let Some((&job, raw)) = self.jobs.iter().next() else {
+            std::thread::sleep(d);
+            return;
+        };
+        match raw.recv_deadline(Instant::now() + d) {
+            Mail::Msg(msg) => forward_one(&self.world, job, msg),
+            Mail::Empty => {}
+            Mail::Closed => {
+                self.jobs.remove(&job);
+            }
+        }
     }
 
     /// Sends rank 0 what the local pool produced; `true` if anything.

@@ -105,7 +105,12 @@ impl RawJob {
 
     /// The next message of the job, without waiting.
     pub(crate) fn try_recv(&self) -> Mail {
-        match self.0.rx.recv_deadline(Instant::now()) {
+        self.recv_deadline(Instant::now())
+    }
+
+    /// The next message of the job, waiting until `deadline` at most.
+    pub(crate) fn recv_deadline(&self, deadline: Instant) -> Mail {
+        match self.0.rx.recv_deadline(deadline) {
             Ok(m) => Mail::Msg(m),
             Err(RecvTimeoutError::Timeout) => Mail::Empty,
             Err(RecvTimeoutError::Disconnected) => Mail::Closed,

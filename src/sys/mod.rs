@@ -30,6 +30,8 @@ mod mpi_send;
 mod poll;
 mod proc;
 mod robust;
+#[cfg(feature = "mpi")]
+mod sched;
 mod signal;
 mod time;
 mod wait;
@@ -45,6 +47,8 @@ pub(crate) use mpi_send::*;
 pub(crate) use poll::*;
 pub(crate) use proc::*;
 pub(crate) use robust::*;
+#[cfg(feature = "mpi")]
+pub(crate) use sched::*;
 pub(crate) use signal::*;
 pub(crate) use time::*;
 pub(crate) use wait::*;
