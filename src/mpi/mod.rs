@@ -259,27 +259,11 @@ fn lead_handshake(b: &MpiPoolBuilder, ranks: usize) -> Result<Vec<usize>> {
         host: host_name(),
         cpus: crate::cpu_count(),
     });
-    for r in 1..ranks {
-        let m = link::recv_from(&world, r, deadline, "handshake")?;
-        match wire::decode::<FromRank>(&m)?.0 {
-            FromRank::Hello {
-                checksum,
-                host,
-                cpus,
-            } => hellos.push(Hello {
-                checksum,
-                host,
-                cpus: cpus as usize,
-            }),
-            other => {
-                return Err(Error::Mpi {
-                    reason: format!("rank {r} answered the handshake with {other:?}"),
-                })
-            }
-        }
-    }
-    let plan = match plan_workers(&hellos, b.workers_per_rank) {
+    let planned = collect_hellos(&world, ranks, deadline, &mut hellos)
+        .and_then(|()| plan_workers(&hellos, b.workers_per_rank));
+    let plan = match planned {
         Ok(p) => p,
+        // Every rank is told, so none waits for a pool that will not come.
         Err(e) => {
             let refuse = wire::encode(
                 &ToRank::Refuse {
@@ -336,6 +320,35 @@ fn lead_handshake(b: &MpiPoolBuilder, ranks: usize) -> Result<Vec<usize>> {
         return Err(e);
     }
     Ok(workers)
+}
+
+/// Receives the hello of every worker rank, in rank order.
+fn collect_hellos(
+    world: &::mpi::topology::SimpleCommunicator,
+    ranks: usize,
+    deadline: Instant,
+    hellos: &mut Vec<Hello>,
+) -> Result<()> {
+    for r in 1..ranks {
+        let m = link::recv_from(world, r, deadline, "handshake")?;
+        match wire::decode::<FromRank>(&m)?.0 {
+            FromRank::Hello {
+                checksum,
+                host,
+                cpus,
+            } => hellos.push(Hello {
+                checksum,
+                host,
+                cpus: cpus as usize,
+            }),
+            other => {
+                return Err(Error::Mpi {
+                    reason: format!("rank {r} answered the handshake with {other:?}"),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a rank says in the handshake.

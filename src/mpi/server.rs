@@ -17,7 +17,14 @@ use crate::Pool;
 pub(crate) struct Server {
     world: SimpleCommunicator,
     pool: Pool,
-    jobs: HashMap<u64, RawJob>,
+    jobs: HashMap<u64, Local>,
+}
+
+/// A job of rank 0 as this rank runs it.
+struct Local {
+    raw: RawJob,
+    /// Items submitted whose result or failure has not come back yet.
+    outstanding: u64,
 }
 
 impl Server {
@@ -82,7 +89,13 @@ impl Server {
                     });
                 match started {
                     Ok(raw) => {
-                        self.jobs.insert(job, raw);
+                        self.jobs.insert(
+                            job,
+                            Local {
+                                raw,
+                                outstanding: 0,
+                            },
+                        );
                     }
                     Err(e) => self.abort(job, &e),
                 }
@@ -94,10 +107,13 @@ impl Server {
                 kind,
             } => {
                 // A job aborted here already told rank 0 so: drop its chunks.
-                if let Some(raw) = self.jobs.get(&job) {
-                    if let Err(e) = raw.submit(base, count, kind, body.to_vec()) {
-                        self.jobs.remove(&job);
-                        self.abort(job, &e);
+                if let Some(local) = self.jobs.get_mut(&job) {
+                    match local.raw.submit(base, count, kind, body.to_vec()) {
+                        Ok(()) => local.outstanding += u64::from(count),
+                        Err(e) => {
+                            self.jobs.remove(&job);
+                            self.abort(job, &e);
+                        }
                     }
                 }
             }
@@ -120,15 +136,26 @@ impl Server {
         );
     }
 
-    /// Waits up to `d` for the local pool's next message (forwarded at
-    /// once), or just sleeps when no job runs here.
-    fn wait(&mut self, d: Duration) {
-        let Some((&job, raw)) = self.jobs.iter().next() else {
-            std::thread::sleep(d);
+    /// Waits for the local pool's next message (forwarded at once) or for
+    /// the time to poll MPI again. While tasks run here it waits on their
+    /// mailbox up to [`MAX_SLEEP`]: results leave as soon as they come, and
+    /// rank 0 keeps enough chunks queued here that a new one noticed a
+    /// little late costs nothing. Idle, it polls MPI as `hot` says.
+    fn wait(&mut self, hot: Duration) {
+        let busy = self
+            .jobs
+            .iter_mut()
+            .find(|(_, l)| l.outstanding > 0)
+            .map(|(&job, l)| (job, l));
+        let Some((job, local)) = busy else {
+            std::thread::sleep(hot);
             return;
         };
-        match raw.recv_deadline(Instant::now() + d) {
-            Mail::Msg(msg) => forward_one(&self.world, job, msg),
+        match local.raw.recv_deadline(Instant::now() + MAX_SLEEP) {
+            Mail::Msg(msg) => {
+                local.outstanding = local.outstanding.saturating_sub(done_by(&msg));
+                forward_one(&self.world, job, msg);
+            }
             Mail::Empty => {}
             Mail::Closed => {
                 self.jobs.remove(&job);
@@ -140,11 +167,12 @@ impl Server {
     fn forward(&mut self) -> bool {
         let mut progress = false;
         let mut gone = Vec::new();
-        for (&job, raw) in &self.jobs {
+        for (&job, local) in &mut self.jobs {
             loop {
-                match raw.try_recv() {
+                match local.raw.try_recv() {
                     Mail::Msg(msg) => {
                         progress = true;
+                        local.outstanding = local.outstanding.saturating_sub(done_by(&msg));
                         forward_one(&self.world, job, msg);
                     }
                     Mail::Empty => break,
@@ -163,6 +191,15 @@ impl Server {
 
     fn send(&self, header: &FromRank, body: &[u8]) {
         send(&self.world, header, body);
+    }
+}
+
+/// The items a message of the local pool accounts for.
+fn done_by(msg: &JobMsg) -> u64 {
+    match msg {
+        JobMsg::Results { count, .. } => u64::from(*count),
+        JobMsg::Failed { .. } => 1,
+        JobMsg::Abort(_) => u64::MAX,
     }
 }
 
