@@ -105,12 +105,34 @@ pub enum Error {
         /// What is wrong, naming the fix.
         reason: String,
     },
+
+    /// A task's worker process on an MPI worker rank exited without
+    /// delivering its result: the [`Died`](Error::Died) of an `MpiPool`
+    /// (cargo feature `mpi`), naming the rank.
+    #[error("process {pid} on rank {rank} died with exit code {exitcode}{}", signal_suffix(*exitcode))]
+    RankDied {
+        /// The MPI rank that ran the task.
+        rank: usize,
+        /// The worker's pid on that rank's host.
+        pid: u32,
+        /// Its exit code: `n` for an exit status, `-s` for death by signal `s`.
+        exitcode: i32,
+    },
+
+    /// The MPI job cannot run the pool or this task: the ranks run
+    /// different binaries, a task function lies outside the executable, MPI
+    /// was initialized without the threading it needs. The message says which.
+    #[error("{reason}")]
+    Mpi {
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl Error {
-    /// `true` for [`Error::Died`].
+    /// `true` for [`Error::Died`] and [`Error::RankDied`].
     pub fn is_died(&self) -> bool {
-        matches!(self, Error::Died { .. })
+        matches!(self, Error::Died { .. } | Error::RankDied { .. })
     }
 
     /// `true` for [`Error::Panicked`].
@@ -137,6 +159,11 @@ impl Error {
     /// `true` for [`Error::ForkServer`].
     pub fn is_fork_server(&self) -> bool {
         matches!(self, Error::ForkServer { .. })
+    }
+
+    /// `true` for [`Error::Mpi`].
+    pub fn is_mpi(&self) -> bool {
+        matches!(self, Error::Mpi { .. })
     }
 
     /// The panic message, for [`Error::Panicked`].

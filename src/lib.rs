@@ -174,6 +174,8 @@ mod error;
 pub mod exitcode;
 mod finalize;
 pub mod forkserver;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod pool;
 mod popen;
 mod process;

@@ -106,6 +106,9 @@
 //! inherited fds of the pool (the other workers' sockets and pidfds, the
 //! wake pipe).
 
+// The seam for other backends (MPI); unused without them.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code, unused_imports))]
+pub(crate) mod backend;
 mod dispatcher;
 mod iter;
 mod jobs;
@@ -246,6 +249,9 @@ pub struct PoolBuilder {
     max_tasks_per_child: Option<usize>,
     task_timeout: Option<Duration>,
     start_method: Option<crate::StartMethod>,
+    /// Results always cross the workers' sockets (no results regions): for
+    /// a caller that forwards the raw result bytes elsewhere (MPI).
+    inline_results: bool,
 }
 
 impl PoolBuilder {
@@ -303,6 +309,14 @@ impl PoolBuilder {
         self
     }
 
+    /// Results cross the sockets whatever their size, so a raw job's result
+    /// bytes hold every value (see `backend`).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn inline_results(mut self) -> PoolBuilder {
+        self.inline_results = true;
+        self
+    }
+
     /// Forks the workers and starts the dispatcher thread.
     ///
     /// # Errors
@@ -319,7 +333,7 @@ impl PoolBuilder {
         let arena = Some(Arc::new(payload::ArgsArena::new()?));
         let cfg = Config {
             arena: arena.clone(),
-            shared_results: true,
+            shared_results: !self.inline_results,
             processes,
             initializer: self.initializer,
             max_tasks_per_child: self.max_tasks_per_child,

@@ -25,9 +25,13 @@ mod fork;
 mod futex;
 mod mem;
 mod mman;
+#[cfg(feature = "mpi")]
+mod mpi_send;
 mod poll;
 mod proc;
 mod robust;
+#[cfg(feature = "mpi")]
+mod sched;
 mod signal;
 mod time;
 mod wait;
@@ -38,9 +42,13 @@ pub(crate) use fork::*;
 pub(crate) use futex::*;
 pub(crate) use mem::*;
 pub(crate) use mman::*;
+#[cfg(feature = "mpi")]
+pub(crate) use mpi_send::*;
 pub(crate) use poll::*;
 pub(crate) use proc::*;
 pub(crate) use robust::*;
+#[cfg(feature = "mpi")]
+pub(crate) use sched::*;
 pub(crate) use signal::*;
 pub(crate) use time::*;
 pub(crate) use wait::*;

@@ -1,0 +1,249 @@
+//! A worker rank: it runs what rank 0 sends in its local fork
+//! [`Pool`](crate::Pool), through the pool's raw jobs (one per job of rank
+//! 0, fed with the chunks as they arrive), and sends the raw results back.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use mpi::topology::SimpleCommunicator;
+
+use super::image;
+use super::link::{self, Backoff, MAX_SLEEP};
+use super::wire::{self, FromRank, ToRank, WireError};
+use crate::error::Error;
+use crate::pool::backend::{JobMsg, Mail, RawJob, TaskRef};
+use crate::Pool;
+
+pub(crate) struct Server {
+    world: SimpleCommunicator,
+    pool: Pool,
+    jobs: HashMap<u64, Local>,
+}
+
+/// A job of rank 0 as this rank runs it.
+struct Local {
+    raw: RawJob,
+    /// Items submitted whose result or failure has not come back yet.
+    outstanding: u64,
+}
+
+impl Server {
+    pub(crate) fn new(pool: Pool) -> Server {
+        Server {
+            world: SimpleCommunicator::world(),
+            pool,
+            jobs: HashMap::new(),
+        }
+    }
+
+    /// Serves until rank 0 closes the pool; the local pool is closed (or
+    /// terminated) and rank 0 told so on the way out.
+    pub(crate) fn run(mut self) {
+        let mut backoff = Backoff::for_this_thread();
+        let now = loop {
+            let mut progress = false;
+            let mut close = None;
+            while let Some(bytes) = link::try_recv_from(&self.world, 0) {
+                progress = true;
+                close = self.on_message(&bytes);
+                if close.is_some() {
+                    break;
+                }
+            }
+            if let Some(now) = close {
+                break now;
+            }
+            progress |= self.forward();
+            if progress {
+                backoff.reset();
+            } else {
+                self.wait(backoff.next(MAX_SLEEP));
+            }
+        };
+        self.jobs.clear();
+        if now {
+            self.pool.terminate();
+        } else {
+            self.pool.close();
+            let _ = self.pool.join();
+        }
+        self.send(&FromRank::Bye, &[]);
+    }
+
+    /// Handles one message from rank 0: `Some(now)` for `Close`.
+    fn on_message(&mut self, bytes: &[u8]) -> Option<bool> {
+        let (header, body) = match wire::decode::<ToRank>(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                log::error!("multiproc: mpi: a message from rank 0 does not decode: {e}");
+                return None;
+            }
+        };
+        match header {
+            ToRank::Job { job, f, tramp, ctx } => {
+                let started = image::addr_of(f, "task function")
+                    .and_then(|f| Ok((f, image::addr_of(tramp, "task trampoline")?)))
+                    .and_then(|(f, tramp)| {
+                        self.pool
+                            .raw_job(TaskRef { f, tramp }, ctx.then(|| body.to_vec()))
+                    });
+                match started {
+                    Ok(raw) => {
+                        self.jobs.insert(
+                            job,
+                            Local {
+                                raw,
+                                outstanding: 0,
+                            },
+                        );
+                    }
+                    Err(e) => self.abort(job, &e),
+                }
+            }
+            ToRank::Chunk {
+                job,
+                base,
+                count,
+                kind,
+            } => {
+                // A job aborted here already told rank 0 so: drop its chunks.
+                if let Some(local) = self.jobs.get_mut(&job) {
+                    match local.raw.submit(base, count, kind, body.to_vec()) {
+                        Ok(()) => local.outstanding += u64::from(count),
+                        Err(e) => {
+                            self.jobs.remove(&job);
+                            self.abort(job, &e);
+                        }
+                    }
+                }
+            }
+            ToRank::End { job } => {
+                self.jobs.remove(&job);
+            }
+            ToRank::Close { now } => return Some(now),
+            other => log::error!("multiproc: mpi: unexpected message from rank 0: {other:?}"),
+        }
+        None
+    }
+
+    fn abort(&self, job: u64, e: &Error) {
+        self.send(
+            &FromRank::Abort {
+                job,
+                error: WireError::from_error(e),
+            },
+            &[],
+        );
+    }
+
+    /// Waits for the local pool's next message (forwarded at once) or for
+    /// the time to poll MPI again. While tasks run here it waits on their
+    /// mailbox up to [`MAX_SLEEP`]: results leave as soon as they come, and
+    /// rank 0 keeps enough chunks queued here that a new one noticed a
+    /// little late costs nothing. Idle, it polls MPI as `hot` says.
+    fn wait(&mut self, hot: Duration) {
+        let busy = self
+            .jobs
+            .iter_mut()
+            .find(|(_, l)| l.outstanding > 0)
+            .map(|(&job, l)| (job, l));
+        let Some((job, local)) = busy else {
+            std::thread::sleep(hot);
+            return;
+        };
+        match local.raw.recv_deadline(Instant::now() + MAX_SLEEP) {
+            Mail::Msg(msg) => {
+                local.outstanding = local.outstanding.saturating_sub(done_by(&msg));
+                forward_one(&self.world, job, msg);
+            }
+            Mail::Empty => {}
+            Mail::Closed => {
+                self.jobs.remove(&job);
+            }
+        }
+    }
+
+    /// Sends rank 0 what the local pool produced; `true` if anything.
+    fn forward(&mut self) -> bool {
+        let mut progress = false;
+        let mut gone = Vec::new();
+        for (&job, local) in &mut self.jobs {
+            loop {
+                match local.raw.try_recv() {
+                    Mail::Msg(msg) => {
+                        progress = true;
+                        local.outstanding = local.outstanding.saturating_sub(done_by(&msg));
+                        forward_one(&self.world, job, msg);
+                    }
+                    Mail::Empty => break,
+                    Mail::Closed => {
+                        gone.push(job);
+                        break;
+                    }
+                }
+            }
+        }
+        for job in gone {
+            self.jobs.remove(&job);
+        }
+        progress
+    }
+
+    fn send(&self, header: &FromRank, body: &[u8]) {
+        send(&self.world, header, body);
+    }
+}
+
+/// The items a message of the local pool accounts for.
+fn done_by(msg: &JobMsg) -> u64 {
+    match msg {
+        JobMsg::Results { count, .. } => u64::from(*count),
+        JobMsg::Failed { .. } => 1,
+        JobMsg::Abort(_) => u64::MAX,
+    }
+}
+
+fn forward_one(world: &SimpleCommunicator, job: u64, msg: JobMsg) {
+    match msg {
+        JobMsg::Results {
+            base,
+            count,
+            kind,
+            bytes,
+            shared: _,
+        } => send(
+            world,
+            &FromRank::Results {
+                job,
+                base,
+                count,
+                kind,
+            },
+            &bytes[..],
+        ),
+        JobMsg::Failed { index, error } => send(
+            world,
+            &FromRank::Failed {
+                job,
+                index,
+                error: WireError::from_error(&error),
+            },
+            &[],
+        ),
+        JobMsg::Abort(error) => send(
+            world,
+            &FromRank::Abort {
+                job,
+                error: WireError::from_error(&error),
+            },
+            &[],
+        ),
+    }
+}
+
+fn send(world: &SimpleCommunicator, header: &FromRank, body: &[u8]) {
+    match wire::encode(header, body) {
+        Ok(m) => link::send(world, 0, &m),
+        Err(e) => log::error!("multiproc: mpi: cannot encode a message to rank 0: {e}"),
+    }
+}
