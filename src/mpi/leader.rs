@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use mpi::topology::SimpleCommunicator;
 
 use super::image;
-use super::link::{self, Backoff, MAX_SLEEP};
+use super::link::{self, Backoff, Pause, MAX_SLEEP};
 use super::wire::{self, FromRank, ToRank};
 use crate::error::{Error, Result};
 use crate::pool::backend::{Chunk, Command, JobMsg, JobTable, TaskRef};
@@ -117,8 +117,15 @@ impl Leader {
             } else {
                 SENDING_SLEEP
             };
+            let d = match backoff.next(cap) {
+                Pause::Yield => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                Pause::Sleep(d) => d,
+            };
             // Sleeps on the command channel: a new command wakes it.
-            match self.rx.recv_timeout(backoff.next(cap)) {
+            match self.rx.recv_timeout(d) {
                 Ok(cmd) => {
                     backoff.reset();
                     if !self.command(cmd) {

@@ -3,7 +3,7 @@
 //! 0, fed with the chunks as they arrive), and sends the raw results back.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mpi::topology::SimpleCommunicator;
 
@@ -56,8 +56,9 @@ impl Server {
             progress |= self.forward();
             if progress {
                 backoff.reset();
-            } else {
-                self.wait(backoff.next(MAX_SLEEP));
+            } else if !self.wait_busy() {
+                // Idle here: poll MPI as the back-off says.
+                backoff.wait(MAX_SLEEP);
             }
         };
         self.jobs.clear();
@@ -136,20 +137,18 @@ impl Server {
         );
     }
 
-    /// Waits for the local pool's next message (forwarded at once) or for
-    /// the time to poll MPI again. While tasks run here it waits on their
-    /// mailbox up to [`MAX_SLEEP`]: results leave as soon as they come, and
-    /// rank 0 keeps enough chunks queued here that a new one noticed a
-    /// little late costs nothing. Idle, it polls MPI as `hot` says.
-    fn wait(&mut self, hot: Duration) {
+    /// While tasks run here, waits on their mailbox up to [`MAX_SLEEP`]
+    /// (their results leave as soon as they come; rank 0 keeps enough
+    /// chunks queued here that a new one noticed a little late costs
+    /// nothing) and returns `true`; `false` when nothing runs here.
+    fn wait_busy(&mut self) -> bool {
         let busy = self
             .jobs
             .iter_mut()
             .find(|(_, l)| l.outstanding > 0)
             .map(|(&job, l)| (job, l));
         let Some((job, local)) = busy else {
-            std::thread::sleep(hot);
-            return;
+            return false;
         };
         match local.raw.recv_deadline(Instant::now() + MAX_SLEEP) {
             Mail::Msg(msg) => {
@@ -161,6 +160,7 @@ impl Server {
                 self.jobs.remove(&job);
             }
         }
+        true
     }
 
     /// Sends rank 0 what the local pool produced; `true` if anything.
