@@ -102,7 +102,7 @@ impl Leader {
             self.sends.retain_mut(|s| !s.test());
             while let Some((src, bytes)) = link::try_recv_any(&self.world) {
                 progress = true;
-                self.on_message(src, &bytes);
+                self.on_message(src, bytes);
             }
             self.forget_finished();
             if self.closing && self.idle() {
@@ -245,8 +245,8 @@ impl Leader {
         }
     }
 
-    fn on_message(&mut self, src: usize, bytes: &[u8]) {
-        let (header, body) = match wire::decode::<FromRank>(bytes) {
+    fn on_message(&mut self, src: usize, bytes: Vec<u8>) {
+        let (header, body) = match wire::decode_owned::<FromRank>(bytes) {
             Ok(m) => m,
             Err(e) => {
                 log::error!("multiproc: mpi: a message from rank {src} does not decode: {e}");
@@ -268,7 +268,7 @@ impl Leader {
                         base,
                         count,
                         kind,
-                        bytes: body.to_vec().into(),
+                        bytes: body.into(),
                     },
                 );
                 self.account(src, job, base, u64::from(count));
@@ -357,7 +357,7 @@ impl Leader {
                 if matches!(wire::decode::<FromRank>(&bytes), Ok((FromRank::Bye, _))) {
                     left -= 1;
                 } else if !now {
-                    self.on_message(src, &bytes);
+                    self.on_message(src, bytes);
                 }
             }
             if got {

@@ -45,7 +45,7 @@ impl Server {
             let mut close = None;
             while let Some(bytes) = link::try_recv_from(&self.world, 0) {
                 progress = true;
-                close = self.on_message(&bytes);
+                close = self.on_message(bytes);
                 if close.is_some() {
                     break;
                 }
@@ -72,8 +72,8 @@ impl Server {
     }
 
     /// Handles one message from rank 0: `Some(now)` for `Close`.
-    fn on_message(&mut self, bytes: &[u8]) -> Option<bool> {
-        let (header, body) = match wire::decode::<ToRank>(bytes) {
+    fn on_message(&mut self, bytes: Vec<u8>) -> Option<bool> {
+        let (header, body) = match wire::decode_owned::<ToRank>(bytes) {
             Ok(m) => m,
             Err(e) => {
                 log::error!("multiproc: mpi: a message from rank 0 does not decode: {e}");
@@ -85,8 +85,7 @@ impl Server {
                 let started = image::addr_of(f, "task function")
                     .and_then(|f| Ok((f, image::addr_of(tramp, "task trampoline")?)))
                     .and_then(|(f, tramp)| {
-                        self.pool
-                            .raw_job(TaskRef { f, tramp }, ctx.then(|| body.to_vec()))
+                        self.pool.raw_job(TaskRef { f, tramp }, ctx.then_some(body))
                     });
                 match started {
                     Ok(raw) => {
@@ -109,7 +108,7 @@ impl Server {
             } => {
                 // A job aborted here already told rank 0 so: drop its chunks.
                 if let Some(local) = self.jobs.get_mut(&job) {
-                    match local.raw.submit(base, count, kind, body.to_vec()) {
+                    match local.raw.submit(base, count, kind, body) {
                         Ok(()) => local.outstanding += u64::from(count),
                         Err(e) => {
                             self.jobs.remove(&job);
