@@ -122,7 +122,7 @@ pub struct MpiPoolBuilder {
 impl MpiPoolBuilder {
     /// Worker processes on each worker rank; 0 (the default) means the
     /// CPUs of the rank's host divided by the ranks on that host, at least
-    /// 1. Each rank applies its own builder's value (they run the same
+    /// one. Each rank applies its own builder's value (they run the same
     /// code, so it is the same everywhere).
     pub fn workers_per_rank(mut self, n: usize) -> MpiPoolBuilder {
         self.workers_per_rank = n;
