@@ -110,6 +110,7 @@ pub struct MpiPool {
 ///     .initializer(setup)
 ///     .task_timeout(Duration::from_secs(60))
 ///     .start()?;
+/// pool.close()?;
 /// # Ok::<(), multiproc::Error>(())
 /// ```
 #[derive(Debug, Clone, Default)]
