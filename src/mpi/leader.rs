@@ -22,6 +22,9 @@ use crate::sys::PendingSend;
 /// The longest sleep while sends are in flight (MPI moves a large message's
 /// bytes only while both ends call into it).
 const SENDING_SLEEP: Duration = Duration::from_micros(20);
+/// Rank 0 yields between polls (rather than sleeping) while at most this
+/// many items are in flight.
+const SPIN_ITEMS: u64 = 64;
 /// How long closing waits for the last sends to be taken.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -117,7 +120,11 @@ impl Leader {
             } else {
                 SENDING_SLEEP
             };
-            let d = match backoff.next(cap) {
+            // Yield while hot only when little is in flight (an `apply`
+            // waits for its one reply); a stream of results sleeps briefly
+            // between polls, leaving the CPU to the work.
+            let spin = self.inflight_items() <= SPIN_ITEMS;
+            let d = match backoff.next_or_sleep(cap, spin) {
                 Pause::Yield => {
                     std::thread::yield_now();
                     continue;
@@ -331,6 +338,15 @@ impl Leader {
                 }
             }
         }
+    }
+
+    /// Items on the ranks without a result yet.
+    fn inflight_items(&self) -> u64 {
+        self.ranks
+            .iter()
+            .flat_map(|r| &r.inflight)
+            .map(|c| c.left)
+            .sum()
     }
 
     fn idle(&self) -> bool {

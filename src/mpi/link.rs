@@ -73,8 +73,19 @@ impl Backoff {
 
     /// What to do before the next poll; a sleep lasts at most `cap`.
     pub(crate) fn next(&mut self, cap: Duration) -> Pause {
+        self.next_or_sleep(cap, true)
+    }
+
+    /// As [`next`](Backoff::next); without `spin`, the hot phase sleeps
+    /// [`MIN_SLEEP`] instead of yielding (a stream of results that keeps
+    /// the loop hot must not cost a core).
+    pub(crate) fn next_or_sleep(&mut self, cap: Duration, spin: bool) -> Pause {
         if self.last.elapsed() < HOT {
-            return Pause::Yield;
+            return if spin {
+                Pause::Yield
+            } else {
+                Pause::Sleep(MIN_SLEEP.min(cap))
+            };
         }
         let d = self.sleep.min(cap);
         self.sleep = (self.sleep * 2).min(MAX_SLEEP);
@@ -161,5 +172,6 @@ mod tests {
         );
         b.reset();
         assert_eq!(b.next(MAX_SLEEP), Pause::Yield);
+        assert_eq!(b.next_or_sleep(MAX_SLEEP, false), Pause::Sleep(MIN_SLEEP));
     }
 }
