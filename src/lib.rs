@@ -110,6 +110,11 @@
 //! *returns* into the caller: from the fork on, the child is the program
 //! (a server child, the daemon).
 //!
+//! Across machines, with the cargo feature `mpi`: `mpi::MpiPool` offers the
+//! pool's `map`s on the ranks of an MPI job (`mpiexec -n 4 ./program`);
+//! every rank calls `MpiPool::start()` first in `main`, rank 0 gets the
+//! pool, the other ranks run its tasks in local pools.
+//!
 //! # Fork safety
 //!
 //! After `fork` the child holds a copy of the parent's memory but only *one*

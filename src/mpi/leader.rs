@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use mpi::topology::SimpleCommunicator;
 
 use super::image;
-use super::link::{self, Backoff, MAX_SLEEP};
+use super::link::{self, Backoff, Pause, MAX_SLEEP};
 use super::wire::{self, FromRank, ToRank};
 use crate::error::{Error, Result};
 use crate::pool::backend::{Chunk, Command, JobMsg, JobTable, TaskRef};
@@ -22,6 +22,9 @@ use crate::sys::PendingSend;
 /// The longest sleep while sends are in flight (MPI moves a large message's
 /// bytes only while both ends call into it).
 const SENDING_SLEEP: Duration = Duration::from_micros(20);
+/// Rank 0 yields between polls (rather than sleeping) while at most this
+/// many items are in flight.
+const SPIN_ITEMS: u64 = 64;
 /// How long closing waits for the last sends to be taken.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -102,7 +105,7 @@ impl Leader {
             self.sends.retain_mut(|s| !s.test());
             while let Some((src, bytes)) = link::try_recv_any(&self.world) {
                 progress = true;
-                self.on_message(src, &bytes);
+                self.on_message(src, bytes);
             }
             self.forget_finished();
             if self.closing && self.idle() {
@@ -117,8 +120,19 @@ impl Leader {
             } else {
                 SENDING_SLEEP
             };
+            // Yield while hot only when little is in flight (an `apply`
+            // waits for its one reply); a stream of results sleeps briefly
+            // between polls, leaving the CPU to the work.
+            let spin = self.inflight_items() <= SPIN_ITEMS;
+            let d = match backoff.next_or_sleep(cap, spin) {
+                Pause::Yield => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                Pause::Sleep(d) => d,
+            };
             // Sleeps on the command channel: a new command wakes it.
-            match self.rx.recv_timeout(backoff.next(cap)) {
+            match self.rx.recv_timeout(d) {
                 Ok(cmd) => {
                     backoff.reset();
                     if !self.command(cmd) {
@@ -238,8 +252,8 @@ impl Leader {
         }
     }
 
-    fn on_message(&mut self, src: usize, bytes: &[u8]) {
-        let (header, body) = match wire::decode::<FromRank>(bytes) {
+    fn on_message(&mut self, src: usize, bytes: Vec<u8>) {
+        let (header, body) = match wire::decode_owned::<FromRank>(bytes) {
             Ok(m) => m,
             Err(e) => {
                 log::error!("multiproc: mpi: a message from rank {src} does not decode: {e}");
@@ -259,7 +273,7 @@ impl Leader {
                         base,
                         count,
                         kind,
-                        bytes: body.to_vec(),
+                        bytes: body,
                         // Worker ranks send every value inline.
                         shared: None,
                     },
@@ -326,6 +340,15 @@ impl Leader {
         }
     }
 
+    /// Items on the ranks without a result yet.
+    fn inflight_items(&self) -> u64 {
+        self.ranks
+            .iter()
+            .flat_map(|r| &r.inflight)
+            .map(|c| c.left)
+            .sum()
+    }
+
     fn idle(&self) -> bool {
         self.jobs.all_submitted() && self.ranks.iter().all(|r| r.inflight.is_empty())
     }
@@ -350,7 +373,7 @@ impl Leader {
                 if matches!(wire::decode::<FromRank>(&bytes), Ok((FromRank::Bye, _))) {
                     left -= 1;
                 } else if !now {
-                    self.on_message(src, &bytes);
+                    self.on_message(src, bytes);
                 }
             }
             if got {

@@ -42,12 +42,14 @@
 //!   non-zero status.
 //! - **Waiting.** MPICH's blocking calls poll in a busy loop, so the ranks
 //!   never block in MPI while idle: they poll with `MPI_Iprobe`, yield
-//!   briefly after each message, then sleep with a back-off up to 1 ms.
-//!   Rank 0 keeps a window of chunks in flight per rank (two per worker,
-//!   plus two) so the round trip hides behind work. Its MPI calls run on
-//!   its backend thread (MPI is initialized with
-//!   `MPI_THREAD_SERIALIZED`); forked workers never call MPI and leave with
-//!   `_exit`.
+//!   between polls for a millisecond after a message (rank 0 only while a
+//!   reply is due soon; with many items in flight it sleeps 15 µs), then
+//!   sleep with a back-off up to 1 ms. Rank 0 keeps a window of chunks in
+//!   flight per rank (two per worker, plus two) so the round trip hides
+//!   behind work. After the handshake, rank 0's MPI calls run on the pool's
+//!   backend thread (MPI is initialized with `MPI_THREAD_SERIALIZED`), and
+//!   `MPI_Finalize` on the thread that closes the pool; forked workers never
+//!   call MPI and leave with `_exit`.
 //!
 //! With one rank (a program run without `mpiexec`), rank 0 runs the tasks
 //! in a local pool.
@@ -110,6 +112,7 @@ pub struct MpiPool {
 ///     .initializer(setup)
 ///     .task_timeout(Duration::from_secs(60))
 ///     .start()?;
+/// pool.close()?;
 /// # Ok::<(), multiproc::Error>(())
 /// ```
 #[derive(Debug, Clone, Default)]
@@ -122,7 +125,8 @@ pub struct MpiPoolBuilder {
 impl MpiPoolBuilder {
     /// Worker processes on each worker rank; 0 (the default) means the
     /// CPUs of the rank's host divided by the ranks on that host, at least
-    /// 1. Rank 0's value counts.
+    /// one. Each rank applies its own builder's value (they run the same
+    /// code, so it is the same everywhere).
     pub fn workers_per_rank(mut self, n: usize) -> MpiPoolBuilder {
         self.workers_per_rank = n;
         self

@@ -3,7 +3,7 @@
 //! 0, fed with the chunks as they arrive), and sends the raw results back.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mpi::topology::SimpleCommunicator;
 
@@ -45,7 +45,7 @@ impl Server {
             let mut close = None;
             while let Some(bytes) = link::try_recv_from(&self.world, 0) {
                 progress = true;
-                close = self.on_message(&bytes);
+                close = self.on_message(bytes);
                 if close.is_some() {
                     break;
                 }
@@ -56,8 +56,9 @@ impl Server {
             progress |= self.forward();
             if progress {
                 backoff.reset();
-            } else {
-                self.wait(backoff.next(MAX_SLEEP));
+            } else if !self.wait_busy() {
+                // Idle here: poll MPI as the back-off says.
+                backoff.wait(MAX_SLEEP);
             }
         };
         self.jobs.clear();
@@ -71,8 +72,8 @@ impl Server {
     }
 
     /// Handles one message from rank 0: `Some(now)` for `Close`.
-    fn on_message(&mut self, bytes: &[u8]) -> Option<bool> {
-        let (header, body) = match wire::decode::<ToRank>(bytes) {
+    fn on_message(&mut self, bytes: Vec<u8>) -> Option<bool> {
+        let (header, body) = match wire::decode_owned::<ToRank>(bytes) {
             Ok(m) => m,
             Err(e) => {
                 log::error!("multiproc: mpi: a message from rank 0 does not decode: {e}");
@@ -84,8 +85,7 @@ impl Server {
                 let started = image::addr_of(f, "task function")
                     .and_then(|f| Ok((f, image::addr_of(tramp, "task trampoline")?)))
                     .and_then(|(f, tramp)| {
-                        self.pool
-                            .raw_job(TaskRef { f, tramp }, ctx.then(|| body.to_vec()))
+                        self.pool.raw_job(TaskRef { f, tramp }, ctx.then_some(body))
                     });
                 match started {
                     Ok(raw) => {
@@ -108,7 +108,7 @@ impl Server {
             } => {
                 // A job aborted here already told rank 0 so: drop its chunks.
                 if let Some(local) = self.jobs.get_mut(&job) {
-                    match local.raw.submit(base, count, kind, body.to_vec()) {
+                    match local.raw.submit(base, count, kind, body) {
                         Ok(()) => local.outstanding += u64::from(count),
                         Err(e) => {
                             self.jobs.remove(&job);
@@ -136,20 +136,18 @@ impl Server {
         );
     }
 
-    /// Waits for the local pool's next message (forwarded at once) or for
-    /// the time to poll MPI again. While tasks run here it waits on their
-    /// mailbox up to [`MAX_SLEEP`]: results leave as soon as they come, and
-    /// rank 0 keeps enough chunks queued here that a new one noticed a
-    /// little late costs nothing. Idle, it polls MPI as `hot` says.
-    fn wait(&mut self, hot: Duration) {
+    /// While tasks run here, waits on their mailbox up to [`MAX_SLEEP`]
+    /// (their results leave as soon as they come; rank 0 keeps enough
+    /// chunks queued here that a new one noticed a little late costs
+    /// nothing) and returns `true`; `false` when nothing runs here.
+    fn wait_busy(&mut self) -> bool {
         let busy = self
             .jobs
             .iter_mut()
             .find(|(_, l)| l.outstanding > 0)
             .map(|(&job, l)| (job, l));
         let Some((job, local)) = busy else {
-            std::thread::sleep(hot);
-            return;
+            return false;
         };
         match local.raw.recv_deadline(Instant::now() + MAX_SLEEP) {
             Mail::Msg(msg) => {
@@ -161,6 +159,7 @@ impl Server {
                 self.jobs.remove(&job);
             }
         }
+        true
     }
 
     /// Sends rank 0 what the local pool produced; `true` if anything.

@@ -1,9 +1,10 @@
-//! Messages between rank 0 and the worker ranks: a postcard header and a
-//! raw body (items, results, a context), so payload bytes are copied once
-//! and never go through serde element by element.
+//! Messages between rank 0 and the worker ranks: a raw body (items,
+//! results, a context) and a postcard header, so payload bytes never go
+//! through serde element by element.
 //!
-//! Layout: the header's length (4 bytes, little-endian), the header, the
-//! body.
+//! Layout: the body, the header, the header's length (4 bytes,
+//! little-endian). The header trails so that a receiver keeps the message's
+//! own buffer as the body ([`decode_owned`]: a truncation, not a copy).
 
 use serde::{Deserialize, Serialize};
 
@@ -151,16 +152,29 @@ impl WireError {
     }
 }
 
-/// Encodes a message: header, then `body`.
+/// Encodes a message: `body`, then the header.
 pub(crate) fn encode<H: Serialize>(header: &H, body: &[u8]) -> Result<Vec<u8>> {
-    let mut h = Vec::new();
-    codec::encode_value(header, &mut h)?;
-    let len = u32::try_from(h.len()).map_err(|_| invalid("header too long"))?;
-    let mut out = Vec::with_capacity(4 + h.len() + body.len());
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(body);
-    Ok(out)
+    let mut out = Vec::new();
+    codec::encode_value(header, &mut out)?;
+    let len = u32::try_from(out.len()).map_err(|_| invalid("header too long"))?;
+    let mut msg = Vec::with_capacity(body.len() + out.len() + 4);
+    msg.extend_from_slice(body);
+    msg.extend_from_slice(&out);
+    msg.extend_from_slice(&len.to_le_bytes());
+    Ok(msg)
+}
+
+/// Where the header starts, and the header's bytes.
+fn split(msg: &[u8]) -> Result<(usize, &[u8])> {
+    let (rest, len) = msg
+        .split_last_chunk::<4>()
+        .ok_or_else(|| invalid("message shorter than its header length"))?;
+    let len = u32::from_le_bytes(*len) as usize;
+    let at = rest
+        .len()
+        .checked_sub(len)
+        .ok_or_else(|| invalid("message shorter than its header"))?;
+    Ok((at, &rest[at..]))
 }
 
 /// Decodes a message: its header and its body.
@@ -169,15 +183,21 @@ pub(crate) fn encode<H: Serialize>(header: &H, body: &[u8]) -> Result<Vec<u8>> {
 /// [`Error::Codec`] for a message too short for its header, or a header
 /// that does not decode.
 pub(crate) fn decode<H: serde::de::DeserializeOwned>(msg: &[u8]) -> Result<(H, &[u8])> {
-    let (len, rest) = msg
-        .split_first_chunk::<4>()
-        .ok_or_else(|| invalid("message shorter than its header length"))?;
-    let len = u32::from_le_bytes(*len) as usize;
-    if rest.len() < len {
-        return Err(invalid("message shorter than its header"));
-    }
-    let (h, body) = rest.split_at(len);
-    Ok((codec::decode(h)?, body))
+    let (at, h) = split(msg)?;
+    Ok((codec::decode(h)?, &msg[..at]))
+}
+
+/// As [`decode`], keeping `msg`'s buffer as the body.
+///
+/// # Errors
+/// As [`decode`].
+pub(crate) fn decode_owned<H: serde::de::DeserializeOwned>(
+    mut msg: Vec<u8>,
+) -> Result<(H, Vec<u8>)> {
+    let (at, h) = split(&msg)?;
+    let header = codec::decode(h)?;
+    msg.truncate(at);
+    Ok((header, msg))
 }
 
 fn invalid(what: &str) -> Error {
@@ -200,6 +220,8 @@ mod tests {
         let (back, body) = decode::<ToRank>(&m).unwrap();
         assert_eq!(back, h);
         assert_eq!(body, b"items");
+        let (back, body) = decode_owned::<ToRank>(m).unwrap();
+        assert_eq!((back, &body[..]), (h, &b"items"[..]));
         let h = FromRank::Failed {
             job: 1,
             index: 7,
@@ -217,8 +239,9 @@ mod tests {
     #[test]
     fn garbage_is_an_error() {
         assert!(decode::<ToRank>(&[]).is_err());
-        assert!(decode::<ToRank>(&[9, 0, 0, 0, 1]).is_err());
-        assert!(decode::<ToRank>(&[1, 0, 0, 0, 200]).is_err());
+        assert!(decode::<ToRank>(&[1, 9, 0, 0, 0]).is_err());
+        assert!(decode::<ToRank>(&[200, 1, 0, 0, 0]).is_err());
+        assert!(decode_owned::<FromRank>(vec![0; 3]).is_err());
     }
 
     #[test]

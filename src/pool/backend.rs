@@ -128,3 +128,115 @@ impl std::fmt::Debug for RawJob {
         f.debug_struct("RawJob").finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pool::mailbox::MailSender;
+
+    fn square(x: u64) -> u64 {
+        x * x
+    }
+
+    fn crash_on_3(x: u32) -> u32 {
+        if x == 3 {
+            std::process::abort();
+        }
+        x
+    }
+
+    /// A backend that forwards every job to a local pool as a raw job and
+    /// its messages back: what the MPI backend does, without MPI.
+    fn proxy(local: Pool, rx: Receiver<Command>) {
+        struct Proxied {
+            raw: RawJob,
+            tx: MailSender<JobMsg>,
+            /// Items submitted and not yet answered.
+            left: u64,
+            sealed: bool,
+        }
+        let mut jobs: HashMap<u64, Proxied> = HashMap::new();
+        let mut closing = false;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(1)) {
+                Ok(Command::Job { id, tx, task, ctx }) => match local.raw_job(task, ctx) {
+                    Ok(raw) => {
+                        let p = Proxied {
+                            raw,
+                            tx,
+                            left: 0,
+                            sealed: false,
+                        };
+                        jobs.insert(id, p);
+                    }
+                    Err(e) => tx.send(JobMsg::Abort(e)),
+                },
+                Ok(Command::Chunk {
+                    job,
+                    base,
+                    count,
+                    kind,
+                    items,
+                }) => {
+                    if let Some(p) = jobs.get_mut(&job) {
+                        p.raw.submit(base, count, kind, items[..].to_vec()).unwrap();
+                        p.left += u64::from(count);
+                    }
+                }
+                Ok(Command::Seal(job)) => {
+                    if let Some(p) = jobs.get_mut(&job) {
+                        p.sealed = true;
+                    }
+                }
+                Ok(Command::EndJob(job)) => {
+                    jobs.remove(&job);
+                }
+                Ok(Command::Close) => closing = true,
+                Ok(Command::Terminate) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            }
+            // Forward what came; a job is over once sealed and answered.
+            jobs.retain(|_, p| loop {
+                match p.raw.try_recv() {
+                    Mail::Msg(m) => {
+                        p.left = p.left.saturating_sub(match &m {
+                            JobMsg::Results { count, .. } => u64::from(*count),
+                            JobMsg::Failed { .. } => 1,
+                            JobMsg::Abort(_) => u64::MAX,
+                        });
+                        p.tx.send(m);
+                    }
+                    Mail::Empty => return !(p.sealed && p.left == 0),
+                    Mail::Closed => return false,
+                }
+            });
+            if closing && jobs.is_empty() {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_front_end_over_another_backend_gathers_raw_results() {
+        let local = Pool::new(2).unwrap();
+        let pool = Pool::with_backend(2, "test-proxy", move |rx| proxy(local, rx)).unwrap();
+        assert_eq!(pool.processes(), 2);
+        let want: Vec<u64> = (0..1000u64).map(square).collect();
+        assert_eq!(pool.map(square, 0..1000u64).unwrap(), want);
+        assert_eq!(pool.map_chunked(square, 0..1000u64, 7).unwrap(), want);
+        let got: Vec<u64> = pool.imap(square, 0..500u64).collect::<Result<_>>().unwrap();
+        assert_eq!(got, want[..500]);
+        assert_eq!(pool.apply(square, 12).unwrap(), 144);
+        // A crash fails its item only, through the seam.
+        let r: Vec<_> = pool.imap(crash_on_3, 0..6u32).collect();
+        assert!(r[3].as_ref().unwrap_err().is_died(), "{:?}", r[3]);
+        assert_eq!(r[5].as_ref().ok(), Some(&5));
+        pool.close();
+        pool.join().unwrap();
+    }
+}
