@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::codec::{self, Fill, FrameReader, DEFAULT_MAX_FRAME_LEN, FLAGGED, HEADER_LEN};
 use crate::error::{CodecError, CodecErrorKind, Error, Result};
-use crate::pool::payload::{ResultRegion, SharedResults};
+use crate::region::{Ranges, Region};
 use crate::sys;
 
 /// Values that encode to at least this many bytes go through the sending
@@ -69,7 +69,7 @@ const SOCKET_BUFFER: usize = 4 << 20;
 #[doc(alias = "Pipe")]
 pub fn pipe() -> Result<(Connection, Connection)> {
     let (a, b) = sys::socket_pair(SOCKET_BUFFER)?;
-    Ok((Connection::from_fd(a), Connection::from_fd(b)))
+    Ok((Connection::new(a, true), Connection::new(b, true)))
 }
 
 /// One end of a framed channel: sends and receives serde values.
@@ -104,10 +104,10 @@ pub struct Connection {
     socket: bool,
     /// This end's region for large values it sends, and its memfd until
     /// the peer has it.
-    tx: Option<(Arc<ResultRegion>, Option<OwnedFd>)>,
+    tx: Option<(Arc<Region>, Option<OwnedFd>)>,
     /// The peer's region, mapped from the memfd its first large message
     /// brought.
-    rx: Option<Arc<ResultRegion>>,
+    rx: Option<Arc<Region>>,
     /// Memfds received, not yet taken by their message.
     fds: VecDeque<OwnedFd>,
 }
@@ -115,8 +115,14 @@ pub struct Connection {
 impl Connection {
     /// Wraps a connected stream fd (a socket or a pipe end) as a `Connection`.
     pub fn from_fd(fd: OwnedFd) -> Connection {
+        let socket = sys::is_unix_socket(fd.as_fd());
+        Connection::new(fd, socket)
+    }
+
+    /// `socket`: `fd` is a Unix socket (`pipe()` knows; `from_fd` asks).
+    fn new(fd: OwnedFd, socket: bool) -> Connection {
         Connection {
-            socket: sys::is_unix_socket(fd.as_fd()),
+            socket,
             fd,
             reader: FrameReader::new(DEFAULT_MAX_FRAME_LEN, false).with_flags(),
             wbuf: Vec::new(),
@@ -179,7 +185,7 @@ impl Connection {
             return Some(Err(codec::oversize_on_send(len, self.reader.limit())));
         }
         if self.tx.is_none() {
-            let (region, fd) = ResultRegion::new().ok()?;
+            let (region, fd) = Region::new().ok()?;
             self.tx = Some((Arc::new(region), Some(fd)));
         }
         let (region, memfd) = self.tx.as_mut()?;
@@ -242,7 +248,7 @@ impl Connection {
             Some((true, _)) => return Err(broken("a shared message of the wrong size")),
         };
         if let Some(fd) = self.fds.pop_front() {
-            self.rx = Some(Arc::new(ResultRegion::from_fd(fd.as_fd())?));
+            self.rx = Some(Arc::new(Region::from_fd(fd.as_fd())?));
         }
         let region = self
             .rx
@@ -251,7 +257,7 @@ impl Connection {
         if !region.check(offset, len) || len > self.reader.limit() as u64 {
             return Err(broken("a shared message outside its region"));
         }
-        let shared = SharedResults::new(region, vec![(offset as usize, len as usize)]);
+        let shared = Ranges::new(region, vec![(offset as usize, len as usize)]);
         let bytes = shared.get(0).ok_or_else(|| broken("range"))?;
         codec::decode(bytes).map(Some)
     }

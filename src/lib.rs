@@ -185,6 +185,7 @@ mod pool;
 mod popen;
 mod process;
 mod queue;
+mod region;
 mod shm;
 mod spawn;
 mod stop;

@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 
 use super::jobs::JobTable;
 use super::ledger::{self, Ledger};
-use super::payload::{ArgsArena, Payload, ResultRegion, SharedResults};
+use super::payload::{ArgsArena, Payload};
 use super::protocol::{Command, JobMsg, PoolFailure, Wake};
 use super::start::SharedFds;
 use super::wire::{self, FromWorker};
@@ -23,6 +23,7 @@ use crate::codec::{Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
 use crate::error::{Error, Result};
 use crate::popen::{self, Popen};
 use crate::process::Process;
+use crate::region::{Ranges, Region};
 use crate::sys::{self, SharedProgress, Sig};
 
 /// Socket buffer asked for each worker's socket pair.
@@ -101,7 +102,7 @@ struct Worker {
     process: Process,
     /// Its region of large results (dropped with the worker; unmapped
     /// once no caller holds a result in it).
-    region: Option<Arc<ResultRegion>>,
+    region: Option<Arc<Region>>,
     pid: u32,
     sock: OwnedFd,
     reader: FrameReader,
@@ -195,7 +196,7 @@ impl Dispatcher {
         let (parent_end, child_end) = sys::socket_pair(SOCKET_BUFFER)?;
         sys::set_nonblocking(parent_end.as_fd())?;
         let (region, region_fd) = if self.cfg.shared_results {
-            let (r, fd) = ResultRegion::new()?;
+            let (r, fd) = Region::new()?;
             (Some(Arc::new(r)), Some(fd))
         } else {
             (None, None)
@@ -704,7 +705,7 @@ fn frames(w: &mut Worker, jobs: &mut JobTable, chunk_secs: &mut f64) -> Option<P
                     (_, true) => None,
                     (Some(region), false) if ranges.iter().all(|&(o, l)| region.check(o, l)) => {
                         let ranges = ranges.iter().map(|&(o, l)| (o as usize, l as usize));
-                        Some(SharedResults::new(Arc::clone(region), ranges.collect()))
+                        Some(Ranges::new(Arc::clone(region), ranges.collect()))
                     }
                     _ => {
                         w.fault(PoolFailure::protocol("a large result outside the region"));

@@ -114,7 +114,7 @@ mod iter;
 mod jobs;
 mod ledger;
 mod mailbox;
-pub(crate) mod payload;
+mod payload;
 mod protocol;
 mod result;
 mod start;

@@ -8,11 +8,11 @@
 //!   it. The block returns to the arena when the chunk is retired (every
 //!   result in, or the job dropped), so a chunk sent again after a crash
 //!   still finds its bytes.
-//! - **Results.** Each worker has a [`ResultRegion`] of its own (a memfd
+//! - **Results.** Each worker has a [`Region`](crate::region::Region) of its own (a memfd
 //!   made with the worker, dropped with it): the worker alone allocates in
 //!   it (a bitmap of blocks in the region's head), encodes a large result
 //!   straight into it and reports `(offset, length)`; the caller decodes in
-//!   place and frees the blocks ([`SharedResults`], also on drop, so a result
+//!   place and frees the blocks ([`Ranges`](crate::region::Ranges), also on drop, so a result
 //!   nobody reads does not leak). A worker that dies in the middle of a
 //!   result never reported it; its region goes with it, and its replacement
 //!   gets a fresh one, so no one ever reads half-written bytes.
@@ -25,7 +25,6 @@ use std::collections::BTreeMap;
 use std::io;
 use std::ops::Deref;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use crate::sys::{self, SharedMapping};
@@ -40,19 +39,6 @@ pub(crate) const ARGS_LEN: usize = 8 << 30;
 const ARGS_KEEP: usize = 512 << 20;
 /// Allocation granularity of the arena (a page).
 const ARGS_ALIGN: usize = 4096;
-
-/// A worker's results region: sparse, only pages written count.
-pub(crate) const REGION_LEN: usize = 2 << 30;
-/// Pages of a results region kept for reuse once free.
-const REGION_KEEP: usize = 128 << 20;
-/// A results region's allocation unit.
-const BLOCK: usize = 64 * 1024;
-/// Blocks of a region (the first ones hold the bitmap).
-const BLOCKS: usize = REGION_LEN / BLOCK;
-/// Bytes of the bitmap: one bit per block.
-const BITMAP_BYTES: usize = BLOCKS / 8;
-/// Blocks taken by the bitmap itself.
-const HEAD_BLOCKS: usize = BITMAP_BYTES.div_ceil(BLOCK);
 
 /// The pool's shared arena of large arguments, written by callers, read by
 /// workers.
@@ -213,146 +199,6 @@ impl From<Vec<u8>> for Payload {
         Payload::Inline(v)
     }
 }
-
-/// A worker's region of large results: the worker allocates and writes,
-/// callers read and free.
-#[derive(Debug)]
-pub(crate) struct ResultRegion {
-    map: SharedMapping,
-}
-
-impl ResultRegion {
-    /// A new region and its memfd (kept by the parent until the worker has
-    /// it: a fork inherits the mapping, the fork server gets the fd).
-    pub(crate) fn new() -> io::Result<(ResultRegion, OwnedFd)> {
-        let fd = sys::memfd("multiproc-pool-results", REGION_LEN)?;
-        let map = SharedMapping::from_fd(fd.as_fd(), REGION_LEN)?;
-        Ok((ResultRegion { map }, fd))
-    }
-
-    /// Maps the region of `fd` (a child of the fork server).
-    pub(crate) fn from_fd(fd: BorrowedFd<'_>) -> io::Result<ResultRegion> {
-        if sys::file_len(fd)? != REGION_LEN {
-            return Err(io::Error::other("a results region of the wrong size"));
-        }
-        Ok(ResultRegion {
-            map: SharedMapping::from_fd(fd, REGION_LEN)?,
-        })
-    }
-
-    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        self.map.atomic_u64(i * 8)
-    }
-
-    fn is_free(&self, block: usize) -> bool {
-        self.word(block / 64).load(Ordering::Acquire) & (1 << (block % 64)) == 0
-    }
-
-    /// In the worker (the only allocator): the offset of `len` free bytes,
-    /// lowest first, now taken. `None` when no run of free blocks is long
-    /// enough (the result then crosses the socket).
-    pub(crate) fn alloc(&self, len: usize) -> Option<usize> {
-        let n = len.max(1).div_ceil(BLOCK);
-        let (mut run, mut block) = (0, HEAD_BLOCKS);
-        while block < BLOCKS {
-            // Whole taken words at a time.
-            if block % 64 == 0 && self.word(block / 64).load(Ordering::Acquire) == u64::MAX {
-                run = 0;
-                block += 64;
-                continue;
-            }
-            if self.is_free(block) {
-                run += 1;
-                if run == n {
-                    let first = block + 1 - n;
-                    self.set(first, n, true);
-                    return Some(first * BLOCK);
-                }
-            } else {
-                run = 0;
-            }
-            block += 1;
-        }
-        None
-    }
-
-    fn set(&self, first: usize, n: usize, taken: bool) {
-        let mut b = first;
-        while b < first + n {
-            let bit = b % 64;
-            let k = (64 - bit).min(first + n - b);
-            let mask = if k == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << k) - 1) << bit
-            };
-            if taken {
-                self.word(b / 64).fetch_or(mask, Ordering::AcqRel);
-            } else {
-                self.word(b / 64).fetch_and(!mask, Ordering::AcqRel);
-            }
-            b += k;
-        }
-    }
-
-    /// Checks that `offset..offset + len` is a range a worker may report.
-    pub(crate) fn check(&self, offset: u64, len: u64) -> bool {
-        let (o, l) = (offset as usize, len as usize);
-        o.is_multiple_of(BLOCK)
-            && o >= HEAD_BLOCKS * BLOCK
-            && o.checked_add(l).is_some_and(|end| end <= REGION_LEN)
-    }
-
-    /// In the worker: gives back a range it took but did not report.
-    pub(crate) fn unalloc(&self, offset: usize, len: usize) {
-        self.free(offset, len);
-    }
-
-    /// Gives a range back (a caller done with a result).
-    fn free(&self, offset: usize, len: usize) {
-        let cap = len.max(1).next_multiple_of(BLOCK);
-        if offset + cap > REGION_KEEP {
-            let from = offset.max(REGION_KEEP);
-            self.map.discard(from, offset + cap - from);
-        }
-        self.set(offset / BLOCK, cap / BLOCK, false);
-    }
-
-    pub(crate) fn mapping(&self) -> &SharedMapping {
-        &self.map
-    }
-}
-
-/// The large results of one results message, in a worker's region: read in
-/// place by the caller, freed on drop.
-#[derive(Debug)]
-pub(crate) struct SharedResults {
-    region: Arc<ResultRegion>,
-    /// `(offset, length)`, in the order the message's entries name them.
-    blocks: Vec<(usize, usize)>,
-}
-
-impl SharedResults {
-    /// Checked ranges of `region` (see [`ResultRegion::check`]).
-    pub(crate) fn new(region: Arc<ResultRegion>, blocks: Vec<(usize, usize)>) -> SharedResults {
-        SharedResults { region, blocks }
-    }
-
-    /// The bytes of the `k`-th large result of the message.
-    pub(crate) fn get(&self, k: usize) -> Option<&[u8]> {
-        let &(o, l) = self.blocks.get(k)?;
-        self.region.map.bytes(o, l).ok()
-    }
-}
-
-impl Drop for SharedResults {
-    fn drop(&mut self) {
-        for &(o, l) in &self.blocks {
-            self.region.free(o, l);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,37 +231,5 @@ mod tests {
         // A size that changes while encoding is an error, and frees.
         assert!(ArenaBlock::encode(&arena, 10, |_| Ok(9)).is_err());
         assert_eq!(arena.free_bytes(), ARGS_LEN);
-    }
-
-    #[test]
-    fn region_allocates_runs_and_frees_them() {
-        let (region, _fd) = ResultRegion::new().unwrap();
-        let region = Arc::new(region);
-        let a = region.alloc(1).unwrap();
-        assert_eq!(a, HEAD_BLOCKS * BLOCK);
-        let b = region.alloc(3 * BLOCK + 1).unwrap();
-        assert_eq!(b, a + BLOCK);
-        let c = region.alloc(BLOCK).unwrap();
-        assert_eq!(c, b + 4 * BLOCK);
-        assert!(region.check(b as u64, 3 * BLOCK as u64 + 1));
-        assert!(!region.check(1, 10));
-        assert!(!region.check(0, 10), "the bitmap is not a result");
-        assert!(!region.check(b as u64, REGION_LEN as u64));
-        // Freed through the guard: the run is taken again.
-        drop(SharedResults::new(
-            Arc::clone(&region),
-            vec![(b, 3 * BLOCK + 1)],
-        ));
-        assert_eq!(region.alloc(2 * BLOCK), Some(b));
-        // A run across bitmap words.
-        let big = region.alloc(200 * BLOCK).unwrap();
-        assert!(big > c);
-        drop(SharedResults::new(
-            Arc::clone(&region),
-            vec![(big, 200 * BLOCK)],
-        ));
-        assert_eq!(region.alloc(200 * BLOCK), Some(big));
-        // Too large for the region.
-        assert_eq!(region.alloc(REGION_LEN), None);
     }
 }

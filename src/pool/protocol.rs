@@ -7,8 +7,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::mailbox::MailSender;
-use super::payload::{Payload, SharedResults};
+use super::payload::Payload;
 use crate::error::{CodecError, CodecErrorKind, Error};
+use crate::region::Ranges;
 use crate::sys;
 
 /// What a worker runs for a job: the task function and the trampoline that
@@ -60,7 +61,7 @@ pub(crate) enum JobMsg {
         kind: u8,
         bytes: Vec<u8>,
         /// The large results these entries name, in the worker's region.
-        shared: Option<SharedResults>,
+        shared: Option<Ranges>,
     },
     /// One item failed without a result entry (its worker died or timed out).
     Failed { index: u64, error: Error },

@@ -10,12 +10,13 @@ use super::mailbox::{mailbox, MailReceiver, RecvTimeoutError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::payload::{ArenaBlock, Payload, SharedResults, SHARED_MIN};
+use super::payload::{ArenaBlock, Payload, SHARED_MIN};
 use super::protocol::{Command, JobMsg, TaskRef};
 use super::wire;
 use super::Inner;
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::region::Ranges;
 use crate::sys::Slots;
 
 /// One job seen from its caller: the channel its results arrive on.
@@ -151,7 +152,7 @@ impl ItemFormat {
         match self.state {
             FORMAT_POSTCARD => codec::encode_value(item, buf).map(|()| true),
             0 => {
-                self.state = codec::fixed::round_trip_kind(item).unwrap_or(FORMAT_POSTCARD);
+                self.is_postcard(item);
                 self.encode(item, buf)
             }
             kind => {
@@ -268,7 +269,7 @@ pub(crate) fn decode_results<R: DeserializeOwned>(
     count: u32,
     kind: u8,
     bytes: &[u8],
-    shared: Option<&SharedResults>,
+    shared: Option<&Ranges>,
     mut put: impl FnMut(u64, Result<R>),
 ) {
     let mut entries = match wire::Entries::new(bytes, kind, shared) {

@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::payload::{ResultRegion, ARGS_LEN};
+use super::payload::ARGS_LEN;
 use super::worker::{self, ArgsMap, WorkerSpec};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::forkserver::{self, StartMethod};
 use crate::process::{Process, Target};
+use crate::region::Region;
 use crate::sys::{self, SharedMapping, SharedProgress};
 
 /// The progress counters of a pool of `n` workers started with `method`:
@@ -122,7 +123,7 @@ fn worker_job_main(job: &[u8], fds: Vec<OwnedFd>) -> Target {
             Some(Err(_)) => crate::exit(crate::exitcode::SETUP_FAILED),
             None => None,
         };
-        let region = match region.map(|fd| ResultRegion::from_fd(fd.as_fd())) {
+        let region = match region.map(|fd| Region::from_fd(fd.as_fd())) {
             Some(Ok(r)) => Some(Arc::new(r)),
             Some(Err(_)) => crate::exit(crate::exitcode::SETUP_FAILED),
             None => None,

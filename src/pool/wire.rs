@@ -9,9 +9,10 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::payload::{ResultRegion, SharedResults, SHARED_MIN};
+use super::payload::SHARED_MIN;
 use crate::codec::{self, HEADER_LEN};
 use crate::error::{CodecError, CodecErrorKind, Error, Result};
+use crate::region::{Ranges, Region};
 use crate::unwind::PanicReport;
 
 const TAG_CHUNK: u8 = 1;
@@ -326,23 +327,31 @@ pub(crate) type Range = (u64, u64);
 /// Splits the shared trailer off the entries of a results message: the
 /// entries (footer included) and the `(offset, length)` ranges they name.
 pub(crate) fn split_shared(entries: &[u8]) -> Result<(&[u8], Vec<Range>)> {
-    let n = entries.len();
-    let k = entries
+    let (head, records) = split_counted(entries, 16, "results trailer")?;
+    let mut f = Fields(records);
+    let mut shared = Vec::with_capacity(records.len() / 16);
+    while !f.0.is_empty() {
+        shared.push((f.u64()?, f.u64()?));
+    }
+    Ok((head, shared))
+}
+
+/// Splits a counted table off the end of `bytes`: `k` records of `size`
+/// bytes, then `k` as a `u32`. Returns what precedes the table and the
+/// records; `Err` (naming `what`) if the count is missing or too large.
+fn split_counted<'a>(bytes: &'a [u8], size: usize, what: &str) -> Result<(&'a [u8], &'a [u8])> {
+    let n = bytes.len();
+    let k = bytes
         .get(n.wrapping_sub(4)..)
         .filter(|_| n >= 4)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-        .ok_or_else(|| invalid("results without trailer"))?;
-    let trailer = k
-        .checked_mul(16)
+        .ok_or_else(|| invalid(what))?;
+    let table = k
+        .checked_mul(size)
         .and_then(|t| t.checked_add(4))
         .filter(|&t| t <= n)
-        .ok_or_else(|| invalid("results trailer"))?;
-    let mut f = Fields(&entries[n - trailer..n - 4]);
-    let mut shared = Vec::with_capacity(k);
-    for _ in 0..k {
-        shared.push((f.u64()?, f.u64()?));
-    }
-    Ok((&entries[..n - trailer], shared))
+        .ok_or_else(|| invalid(what))?;
+    Ok((&bytes[..n - table], &bytes[n - table..n - 4]))
 }
 
 /// Where a worker's trampoline appends a result entry: the frame's bytes,
@@ -350,7 +359,7 @@ pub(crate) fn split_shared(entries: &[u8]) -> Result<(&[u8], Vec<Range>)> {
 pub(crate) struct Sink<'a> {
     pub(crate) out: &'a mut Vec<u8>,
     pub(crate) frame: &'a mut ResultsFrame,
-    pub(crate) region: Option<&'a ResultRegion>,
+    pub(crate) region: Option<&'a Region>,
 }
 
 /// Appends an init-failed frame.
@@ -522,7 +531,7 @@ pub(crate) struct Entries<'a> {
     failures: &'a [u8],
     index: u32,
     /// The large values the message's shared entries name.
-    shared: Option<&'a SharedResults>,
+    shared: Option<&'a Ranges>,
 }
 
 impl<'a> Entries<'a> {
@@ -530,23 +539,13 @@ impl<'a> Entries<'a> {
     pub(crate) fn new(
         bytes: &'a [u8],
         kind: u8,
-        shared: Option<&'a SharedResults>,
+        shared: Option<&'a Ranges>,
     ) -> Result<Entries<'a>> {
-        let n = bytes.len();
-        let k = bytes
-            .get(n.wrapping_sub(4)..)
-            .filter(|_| n >= 4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-            .ok_or_else(|| invalid("results without footer"))?;
-        let footer = k
-            .checked_mul(4)
-            .and_then(|t| t.checked_add(4))
-            .filter(|&t| t <= n)
-            .ok_or_else(|| invalid("results footer"))?;
+        let (rest, failures) = split_counted(bytes, 4, "results footer")?;
         Ok(Entries {
-            rest: &bytes[..n - footer],
+            rest,
             kind,
-            failures: &bytes[n - footer..n - 4],
+            failures,
             index: 0,
             shared,
         })
@@ -782,9 +781,9 @@ mod tests {
     /// frame; the parent reads the large one in place and frees it.
     #[test]
     fn large_results_go_through_the_region() {
-        use super::super::payload::{ResultRegion, SharedResults};
+        use crate::region::{Ranges, Region};
         use std::sync::Arc;
-        let (region, _fd) = ResultRegion::new().unwrap();
+        let (region, _fd) = Region::new().unwrap();
         let region = Arc::new(region);
         let big = vec![7u8; 3 * SHARED_MIN];
         let mut out = Vec::new();
@@ -818,7 +817,7 @@ mod tests {
             .map(|&(o, l)| (o as usize, l as usize))
             .collect();
         let first = ranges[0].0;
-        let shared = SharedResults::new(Arc::clone(&region), ranges);
+        let shared = Ranges::new(Arc::clone(&region), ranges);
         let mut e = Entries::new(entries, kind, Some(&shared)).unwrap();
         assert_eq!(count, 3);
         assert_eq!(e.next::<Vec<u8>>().unwrap().unwrap(), b"small");

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::payload::{ArgsArena, ResultRegion};
+use super::payload::ArgsArena;
 use super::wire::{self, Items, ResultsFrame, Sink, ToWorker};
 use crate::codec::{self, Fill, FrameReader, DEFAULT_MAX_FRAME_LEN};
+use crate::region::Region;
 use crate::sys::{self, Progress, SharedMapping, SharedProgress, Sig, Trampoline};
 use crate::unwind;
 
@@ -40,7 +41,7 @@ pub(crate) struct WorkerSpec {
     /// The pool's arguments arena, as this worker sees it.
     pub(crate) args: Option<ArgsMap>,
     /// This worker's region for large results.
-    pub(crate) region: Option<Arc<ResultRegion>>,
+    pub(crate) region: Option<Arc<Region>>,
 }
 
 /// The pool's arguments arena in a worker: the parent's mapping, inherited
@@ -312,7 +313,7 @@ pub(crate) fn run(spec: WorkerSpec) -> i32 {
 
 struct Worker<'a> {
     args: Option<ArgsMap>,
-    region: Option<Arc<ResultRegion>>,
+    region: Option<Arc<Region>>,
     sock: BorrowedFd<'a>,
     progress: &'a Progress,
     /// Items started in this worker's life.
@@ -390,12 +391,7 @@ impl Worker<'_> {
                 // Items after one that did not decode cannot be found.
                 Some(msg) => {
                     self.progress.started.store(self.seq + 1, Ordering::Relaxed);
-                    wire::push_bad_input(&mut self.out, msg);
-                    frame.entry(false);
-                    self.progress
-                        .finished
-                        .store(self.seq + 1, Ordering::Relaxed);
-                    self.seq += 1;
+                    bad_input(&mut self.out, frame, self.progress, &mut self.seq, msg);
                     i += 1;
                     self.out.len() >= FLUSH_BYTES
                         || self.clock.passed(self.last_flush, FLUSH_INTERVAL_NS)
@@ -421,12 +417,7 @@ impl Worker<'_> {
                     if let Err(e) = r {
                         // Its `started` count is stored: the entry and
                         // `finished` complete it.
-                        wire::push_bad_input(&mut self.out, &e);
-                        frame.entry(false);
-                        self.progress
-                            .finished
-                            .store(self.seq + 1, Ordering::Relaxed);
-                        self.seq += 1;
+                        bad_input(&mut self.out, frame, self.progress, &mut self.seq, &e);
                         i += 1;
                         bad = Some(e);
                     }
@@ -449,6 +440,21 @@ impl Worker<'_> {
     fn flush(&mut self) -> bool {
         flush(self.sock, &mut self.out, &mut self.last_flush)
     }
+}
+
+/// Completes an item (its `started` count stored) whose input did not
+/// decode: its entry, and its `finished` count.
+fn bad_input(
+    out: &mut Vec<u8>,
+    frame: &mut ResultsFrame,
+    progress: &Progress,
+    seq: &mut u64,
+    msg: &str,
+) {
+    wire::push_bad_input(out, msg);
+    frame.entry(false);
+    progress.finished.store(*seq + 1, Ordering::Relaxed);
+    *seq += 1;
 }
 
 /// Writes the buffered results `out` (the frames in it are closed) and
