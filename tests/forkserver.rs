@@ -468,6 +468,12 @@ fn pool_large_payloads() {
     assert!(matches!(r, Err(Error::Died { .. })), "{r:?}");
     let back = pool.map(|v: ByteBuf| v, items.clone()).unwrap();
     assert!(back == items, "after a replacement");
+    // Large chunks of small items go through the arena as well.
+    let squares = pool.map(|x: u64| x * x, 0..300_000u64).unwrap();
+    assert!(squares
+        .iter()
+        .enumerate()
+        .all(|(i, &s)| s == (i * i) as u64));
 }
 
 fn abort_now_u8(_: ()) -> u8 {

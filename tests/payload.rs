@@ -413,3 +413,106 @@ fn a_result_that_panics_while_encoded_fails_only_its_item() {
         }
     });
 }
+
+/// Kills its worker on item 70 001, panics on item 150 002, squares the
+/// rest (tiny fixed-width items, in chunks large enough for the arena).
+fn square_or_fail(x: u64) -> u64 {
+    match x {
+        70_001 => {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            0
+        }
+        150_002 => panic!("item {x}"),
+        _ => x.wrapping_mul(x),
+    }
+}
+
+#[test]
+fn large_chunks_of_small_items_survive_a_killed_worker_and_a_panic() {
+    within(120, || {
+        const N: u64 = 200_000;
+        let pool = Pool::new(2).unwrap();
+        // 100 000 items of 8 bytes: each chunk goes through the arena.
+        let got: Vec<_> = pool.imap_chunked(square_or_fail, 0..N, 100_000).collect();
+        assert_eq!(got.len(), N as usize);
+        for (i, r) in got.iter().enumerate() {
+            match (i, r) {
+                (70_001, Err(Error::Died { exitcode: -9, .. })) => {}
+                (150_002, Err(Error::Panicked { message, .. })) => {
+                    assert_eq!(message, "item 150002")
+                }
+                (i, Ok(v)) if i != 70_001 && i != 150_002 => {
+                    assert_eq!(*v, (i as u64).wrapping_mul(i as u64), "item {i}")
+                }
+                (i, r) => panic!("item {i}: unexpected {r:?}"),
+            }
+        }
+        // map: the first failure; then a clean map on the replacement.
+        assert!(pool.map(square_or_fail, 0..N).is_err());
+        let clean: Vec<u64> = (0..N).map(|x| x + 200_000).collect();
+        let want: Vec<u64> = clean.iter().map(|x| x * x).collect();
+        assert_eq!(pool.map(square_or_fail, clean).unwrap(), want);
+        pool.terminate();
+        pool.join().unwrap();
+    });
+}
+
+#[test]
+fn large_chunks_split_by_max_tasks_per_child_and_of_changing_kinds() {
+    within(120, || {
+        let pool = Pool::builder()
+            .processes(2)
+            .max_tasks_per_child(30_000)
+            .build()
+            .unwrap();
+        // Chunks of 100 000 in the arena, split at each worker's allowance.
+        let want: Vec<u64> = (0..200_000u64).map(|x| x * x).collect();
+        assert_eq!(
+            pool.map_chunked(square_or_fail, 200_000..400_000u64, 100_000)
+                .unwrap(),
+            (200_000..400_000u64).map(|x| x * x).collect::<Vec<_>>()
+        );
+        let small: Vec<u64> = (0..200_000u64)
+            .map(|x| if x == 70_001 || x == 150_002 { 1 } else { x })
+            .collect();
+        let mut want = want;
+        want[70_001] = 1;
+        want[150_002] = 1;
+        assert_eq!(pool.map(square_or_fail, small).unwrap(), want);
+        // Items and results whose encoding changes kind (a `u8` below
+        // 128, a `u64` above) in large chunks: postcard for the items, and
+        // footer entries among the fixed-width results.
+        let items: Vec<Shifty> = (0..100_000u64)
+            .map(|i| Shifty(if i % 7 == 0 { (1 << 40) + i } else { i % 100 }))
+            .collect();
+        let want: Vec<Shifty> = items.iter().map(|s| shifty(*s)).collect();
+        assert_eq!(pool.map(shifty, items).unwrap(), want);
+        pool.close();
+        pool.join().unwrap();
+    });
+}
+
+/// A value written as a `u8` below 128 and as a `u64` otherwise, read back
+/// as a `u64`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Shifty(u64);
+
+impl Serialize for Shifty {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match u8::try_from(self.0) {
+            Ok(small) if small < 128 => s.serialize_u8(small),
+            _ => s.serialize_u64(self.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Shifty {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Shifty, D::Error> {
+        u64::deserialize(d).map(Shifty)
+    }
+}
+
+/// Big values stay big; small ones stay small but change.
+fn shifty(x: Shifty) -> Shifty {
+    Shifty(if x.0 >= 128 { x.0 + 1 } else { 127 - x.0 })
+}

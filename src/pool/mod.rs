@@ -486,12 +486,24 @@ impl Pool {
     ) -> Result<Gather<R>> {
         let iter = items.into_iter();
         let (lo, hi) = iter.size_hint();
-        let (len, iter): (usize, Box<dyn Iterator<Item = T>>) = if Some(lo) == hi {
-            (lo, Box::new(iter))
+        if Some(lo) == hi {
+            self.gather_exact(task, ctx, lo, iter, chunksize)
         } else {
             let v: Vec<T> = iter.collect();
-            (v.len(), Box::new(v.into_iter()))
-        };
+            self.gather_exact(task, ctx, v.len(), v.into_iter(), chunksize)
+        }
+    }
+
+    /// [`gather`](Pool::gather) of an iterator of `len` items (each kind of
+    /// iterator its own loop: no dynamic call per item).
+    fn gather_exact<T: Serialize + DeserializeOwned, R: DeserializeOwned>(
+        &self,
+        task: TaskRef,
+        ctx: Option<Vec<u8>>,
+        len: usize,
+        iter: impl Iterator<Item = T>,
+        chunksize: usize,
+    ) -> Result<Gather<R>> {
         let job = JobHandle::start(&self.inner, task, ctx)?;
         let chunksize = if chunksize == 0 {
             default_chunksize(len, self.inner.processes)
@@ -499,17 +511,14 @@ impl Pool {
             chunksize
         };
         let mut chunker = Chunker::new(chunksize);
-        let mut n = 0usize;
         for item in iter {
             if let Err(e) = chunker.push(&job, &item) {
                 return Ok(Gather::failed(e));
             }
-            n += 1;
         }
         chunker.flush(&job)?;
         job.seal()?;
-        debug_assert_eq!(chunker.next_index() as usize, n);
-        Ok(Gather::new(job, n))
+        Ok(Gather::new(job, chunker.next_index() as usize))
     }
 
     /// Like [`map`](Pool::map), but returns an iterator that pulls the input

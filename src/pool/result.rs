@@ -89,6 +89,20 @@ impl JobHandle {
         ArenaBlock::encode(arena, len, |buf| codec::encode_into(item, buf))
     }
 
+    /// `bytes` in a block of the pool's arena, if they are large (and the
+    /// arena has room).
+    pub(crate) fn copy_to_arena(&self, bytes: &[u8]) -> Result<Option<ArenaBlock>> {
+        match &self.inner.arena {
+            Some(arena) if bytes.len() >= SHARED_MIN => {
+                ArenaBlock::encode(arena, bytes.len(), |b| {
+                    b.copy_from_slice(bytes);
+                    Ok(bytes.len())
+                })
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Tells the dispatcher no more chunks will come.
     pub(crate) fn seal(&self) -> Result<()> {
         self.inner.send(Command::Seal(self.id))
@@ -138,6 +152,19 @@ impl ItemFormat {
             self.state = codec::fixed::round_trip_kind(item).unwrap_or(FORMAT_POSTCARD);
         }
         self.state == FORMAT_POSTCARD
+    }
+
+    /// Appends `item` to `buf` if it has the format's fixed-width kind
+    /// (`false`, with `buf` unchanged, if not: [`encode`](Self::encode)
+    /// then decides).
+    #[inline(always)]
+    pub(crate) fn encode_fixed<T: Serialize>(&self, item: &T, buf: &mut Vec<u8>) -> bool {
+        let at = buf.len();
+        if codec::fixed::encode(item, buf) == Some(self.state) {
+            return true;
+        }
+        buf.truncate(at);
+        false
     }
 
     /// Appends `item` to the chunk in `buf`. `Ok(false)`: the item does not
@@ -204,6 +231,14 @@ impl Chunker {
         job: &JobHandle,
         item: &T,
     ) -> Result<()> {
+        if self.format.is_fixed() && self.format.encode_fixed(item, &mut self.buf) {
+            // The tiny-item path: one test and the item's bytes.
+            self.count += 1;
+            if self.count as usize >= self.chunksize {
+                self.flush(job)?;
+            }
+            return Ok(());
+        }
         if let Some(block) = job.large_item(&mut self.format, item)? {
             // A chunk of its own, after the items before it.
             self.flush(job)?;
@@ -229,13 +264,25 @@ impl Chunker {
         if self.count == 0 {
             return Ok(());
         }
-        let items = std::mem::take(&mut self.buf);
         let count = self.count;
         let base = self.base;
         self.base += u64::from(count);
         self.count = 0;
-        self.buf = Vec::with_capacity(items.len());
-        job.submit(base, count, self.kind, items.into())
+        // A large chunk of small items is copied into the arena (the
+        // buffer stays, warm, for the next chunk): one copy here instead
+        // of the dispatcher's and the socket's two.
+        let items = match job.copy_to_arena(&self.buf)? {
+            Some(block) => {
+                self.buf.clear();
+                Payload::Arena(block)
+            }
+            None => {
+                let items = std::mem::take(&mut self.buf);
+                self.buf = Vec::with_capacity(items.len());
+                Payload::Inline(items)
+            }
+        };
+        job.submit(base, count, self.kind, items)
     }
 }
 

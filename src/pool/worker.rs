@@ -107,6 +107,12 @@ impl Batch<'_> {
             let mut entry_at = self.sink.out.len();
             let run = unwind::catch(|| -> Result<(), String> {
                 while self.ran < self.budget {
+                    if kind != 0 {
+                        self.fixed_run(input, kind, &mut call, &mut entry_at)?;
+                        if self.ran == self.budget {
+                            break;
+                        }
+                    }
                     self.progress
                         .started
                         .store(*self.seq + 1, Ordering::Relaxed);
@@ -137,6 +143,60 @@ impl Batch<'_> {
                     self.finished();
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Runs fixed-width items whose results have the frame's fixed-width
+    /// kind, as many as can run before a flush check is due (the clock's
+    /// stride, and room for results below `FLUSH_BYTES`), with none of the
+    /// per-item checks of the general loop: the same results and counters,
+    /// fewer instructions per tiny item. A result of another kind goes the
+    /// general way (`push_value`), and the run goes on.
+    #[inline(always)]
+    fn fixed_run<T: DeserializeOwned, R: Serialize + DeserializeOwned>(
+        &mut self,
+        input: &mut &[u8],
+        kind: u8,
+        call: &mut impl FnMut(T) -> R,
+        entry_at: &mut usize,
+    ) -> Result<(), String> {
+        let values = self.sink.frame.values;
+        if values == wire::VALUES_UNDECIDED || values == wire::VALUES_POSTCARD {
+            return Ok(());
+        }
+        // A fixed-width result is at most 16 bytes.
+        let room = FLUSH_BYTES.saturating_sub(self.sink.out.len()) / 16;
+        let n = (self.budget - self.ran)
+            .min(self.clock.left.saturating_sub(1))
+            .min(u32::try_from(room).unwrap_or(u32::MAX));
+        if n == 0 {
+            return Ok(());
+        }
+        self.sink.out.reserve(16 * n as usize);
+        for _ in 0..n {
+            self.progress
+                .started
+                .store(*self.seq + 1, Ordering::Relaxed);
+            let item = codec::fixed::take::<T>(input, kind)
+                .map_err(|_| String::from("a fixed-width item does not decode"))?;
+            *entry_at = self.sink.out.len();
+            let r = call(item);
+            if codec::fixed::encode(&r, self.sink.out) == Some(values) {
+                self.sink.frame.entry(true);
+            } else {
+                // A footer entry, perhaps large: back to the general loop,
+                // which checks for a flush after every item.
+                self.sink.out.truncate(*entry_at);
+                let ok = wire::push_value(&mut self.sink, &r);
+                self.sink.frame.entry(ok);
+                self.clock.left -= 1;
+                self.finished();
+                return Ok(());
+            }
+            // The clock's reads are counted as the general loop counts them.
+            self.clock.left -= 1;
+            self.finished();
         }
         Ok(())
     }
