@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::emit;
+use common::{bare_fork_wait, emit};
 use std::time::Instant;
 
 use multiproc::{spawn, Popen, Process};
@@ -36,20 +36,6 @@ fn per_turn(n: usize, mut op: impl FnMut()) -> f64 {
         op();
     }
     t0.elapsed().as_secs_f64() / n as f64 * 1e6
-}
-
-/// `fork`, `_exit(0)` in the child, `waitpid` in the parent: the C probe's
-/// loop body, from Rust.
-fn bare_fork_wait() {
-    use nix::sys::wait::{waitpid, WaitStatus};
-    use nix::unistd::ForkResult;
-    // SAFETY: the child only calls `_exit`, which is async-signal-safe.
-    match unsafe { nix::unistd::fork() }.unwrap() {
-        ForkResult::Child => unsafe { nix::libc::_exit(0) },
-        ForkResult::Parent { child } => {
-            assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
-        }
-    }
 }
 
 fn process_start_join() {

@@ -46,7 +46,7 @@ fn burn(n: u64) -> u64 {
 
 fn w1(reps: usize) {
     const N: usize = 1000;
-    let mut per = Vec::new();
+    let (mut per, mut raw) = (Vec::new(), Vec::new());
     for _ in 0..reps {
         let t0 = Instant::now();
         for _ in 0..N {
@@ -55,8 +55,17 @@ fn w1(reps: usize) {
             assert_eq!(p.join().unwrap(), 0);
         }
         per.push(t0.elapsed().as_secs_f64() / N as f64 * 1e6);
+        // The C probe's loop (fork, `_exit(0)`, `waitpid`) from this same
+        // process image, right after: the floor for this binary, whatever
+        // the machine does from one minute to the next.
+        let t0 = Instant::now();
+        for _ in 0..N {
+            common::bare_fork_wait();
+        }
+        raw.push(t0.elapsed().as_secs_f64() / N as f64 * 1e6);
     }
     emit("W1", "spawn", "us_per_process", &per, 1);
+    emit("W1", "bare_fork_wait_same_process", "us_per_fork", &raw, 1);
 }
 
 fn w2(pool: &Pool, reps: usize) {
@@ -114,8 +123,23 @@ fn w3(pool: &Pool, reps: usize) {
         drop(r);
         back.push(payload_mb / dt);
     }
+    // The ceiling for owned results in this process: 256 copies of 1 MiB
+    // into freshly allocated buffers, all freed after, as a map's results
+    // are (no IPC at all). On a VM whose page faults are slow this, not the
+    // transport, bounds `map_payload_results`.
+    let src = vec![7u8; MIB];
+    let mut fresh = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let v: Vec<ByteBuf> = (0..N).map(|_| ByteBuf::from(src.to_vec())).collect();
+        let dt = t0.elapsed().as_secs_f64();
+        black_box(&v);
+        drop(v);
+        fresh.push(payload_mb / dt);
+    }
     emit("W3", "map_payload_args_distinct", "MB_per_s", &args, 1);
     emit("W3", "map_payload_results", "MB_per_s", &back, 1);
+    emit("W3", "owned_copy_fresh_1MiB", "MB_per_s", &fresh, 1);
     // 8 arguments of 64 MiB, distinct.
     const BIG: usize = 64 * MIB;
     let big: Vec<ByteBuf> = (0..8).map(|i| ByteBuf::from(vec![i as u8; BIG])).collect();

@@ -17,3 +17,18 @@ pub fn emit(id: &str, name: &str, key: &str, values: &[f64], decimals: usize) {
         v[n - 1]
     );
 }
+
+/// `fork`, `_exit(0)` in the child, `waitpid` in the parent: the C probe's
+/// loop body (`../shared/anchors/l1_fork.c`), from this process image.
+#[allow(dead_code)] // not every bench forks
+pub fn bare_fork_wait() {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::ForkResult;
+    // SAFETY: the child only calls `_exit`, which is async-signal-safe.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        ForkResult::Child => unsafe { nix::libc::_exit(0) },
+        ForkResult::Parent { child } => {
+            assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
+        }
+    }
+}

@@ -108,19 +108,29 @@ impl ChildInit {
     ///
     /// [`exitcode::SETUP_FAILED`]: crate::exitcode::SETUP_FAILED
     /// [`exitcode::PANICKED`]: crate::exitcode::PANICKED
+    ///
+    /// Inlined, so that a child without a death signal runs no code of it
+    /// on a page of its own (a page fault in every such child).
+    #[inline]
     pub(crate) fn die_with_parent(&self) -> std::result::Result<(), i32> {
-        if let Some(sig) = self.death_signal {
-            let Ok(sig) = Sig::try_from(sig) else {
-                return Err(crate::exitcode::SETUP_FAILED);
-            };
-            if sys::set_parent_death_signal(sig).is_err() {
-                return Err(crate::exitcode::SETUP_FAILED);
-            }
-            // The parent may have died before prctl ran: then no signal comes.
-            if sys::getppid().as_raw() as u32 != self.parent_pid {
-                let _ = sys::send_signal(sys::getpid(), sig);
-                return Err(1);
-            }
+        match self.death_signal {
+            None => Ok(()),
+            Some(sig) => self.arrange_death_signal(sig),
+        }
+    }
+
+    #[inline(never)]
+    fn arrange_death_signal(&self, sig: i32) -> std::result::Result<(), i32> {
+        let Ok(sig) = Sig::try_from(sig) else {
+            return Err(crate::exitcode::SETUP_FAILED);
+        };
+        if sys::set_parent_death_signal(sig).is_err() {
+            return Err(crate::exitcode::SETUP_FAILED);
+        }
+        // The parent may have died before prctl ran: then no signal comes.
+        if sys::getppid().as_raw() as u32 != self.parent_pid {
+            let _ = sys::send_signal(sys::getpid(), sig);
+            return Err(1);
         }
         Ok(())
     }
