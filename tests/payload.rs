@@ -486,7 +486,9 @@ fn large_chunks_split_by_max_tasks_per_child_and_of_changing_kinds() {
             .map(|i| Shifty(if i % 7 == 0 { (1 << 40) + i } else { i % 100 }))
             .collect();
         let want: Vec<Shifty> = items.iter().map(|s| shifty(*s)).collect();
-        assert_eq!(pool.map(shifty, items).unwrap(), want);
+        assert_eq!(pool.map(shifty, items.clone()).unwrap(), want);
+        // Chunks of 50 000 such items (about 85 KB of postcard): the arena.
+        assert_eq!(pool.map_chunked(shifty, items, 50_000).unwrap(), want);
         pool.close();
         pool.join().unwrap();
     });
