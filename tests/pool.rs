@@ -710,3 +710,81 @@ fn items_and_results_whose_kind_changes_fall_back_to_postcard() {
         );
     });
 }
+
+/// An item whose `Deserialize` panics in the worker on 3 (postcard: a pair).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Fragile(u32, u32);
+
+impl<'de> serde::Deserialize<'de> for Fragile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Fragile, D::Error> {
+        let (a, b) = <(u32, u32)>::deserialize(d)?;
+        assert!(a != 3, "cannot decode item {a}");
+        Ok(Fragile(a, b))
+    }
+}
+
+fn fragile_sum(x: Fragile) -> u32 {
+    x.0 + x.1
+}
+
+#[test]
+fn an_item_whose_deserialize_panics_fails_with_the_rest_of_its_chunk() {
+    within(60, || {
+        let pool = Pool::new(1).unwrap();
+        let before = pool.apply(pid, 0).unwrap();
+        let items = (0..8u32).map(|i| Fragile(i, 10));
+        let r: Vec<_> = pool.imap_chunked(fragile_sum, items, 8).collect();
+        assert_eq!(r.len(), 8);
+        for (i, x) in r.iter().enumerate() {
+            if i < 3 {
+                assert_eq!(x.as_ref().unwrap(), &(i as u32 + 10), "item {i}");
+            } else {
+                // Where item 4 starts is unknown once item 3's decoding
+                // panicked: it and the rest of the chunk fail.
+                match x {
+                    Err(Error::Codec(e))
+                        if i > 3 || e.to_string().contains("cannot decode item 3") => {}
+                    other => panic!("item {i}: {other:?}"),
+                }
+            }
+        }
+        // The worker lived, and the next items run.
+        assert_eq!(pool.apply(pid, 0).unwrap(), before);
+        assert_eq!(pool.map(fragile_sum, [Fragile(4, 1)]).unwrap(), [5]);
+    });
+}
+
+/// A fixed-width item (a `u64` newtype) whose `Deserialize` panics on 3.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Checked(u64);
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        let v = u64::deserialize(d)?;
+        assert!(v != 3, "cannot decode item {v}");
+        Ok(Checked(v))
+    }
+}
+
+fn checked_double(x: Checked) -> u64 {
+    x.0 * 2
+}
+
+#[test]
+fn a_fixed_width_item_whose_deserialize_panics_fails_alone() {
+    within(60, || {
+        let pool = Pool::new(1).unwrap();
+        let r: Vec<_> = pool
+            .imap_chunked(checked_double, (0..8).map(Checked), 8)
+            .collect();
+        for (i, x) in r.iter().enumerate() {
+            match (i, x) {
+                (3, Err(Error::Panicked { message, .. })) => {
+                    assert_eq!(message, "cannot decode item 3")
+                }
+                (i, Ok(v)) if i != 3 => assert_eq!(*v, 2 * i as u64),
+                (i, other) => panic!("item {i}: {other:?}"),
+            }
+        }
+    });
+}

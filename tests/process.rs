@@ -430,6 +430,10 @@ fn no_pidfd_until_the_sentinel_is_asked_for() {
 
 #[test]
 fn sentinel_after_the_child_was_reaped_is_readable() {
+    common::within(60, sentinel_after_reaped_body);
+}
+
+fn sentinel_after_reaped_body() {
     let mut p = Process::new(|| multiproc::exit(3));
     p.start().unwrap();
     let p = Reaped(p);
@@ -464,6 +468,10 @@ fn join_timeout_of_an_exited_child_needs_no_sentinel() {
 
 #[test]
 fn join_while_another_thread_reaps() {
+    common::within(120, join_while_another_thread_reaps_body);
+}
+
+fn join_while_another_thread_reaps_body() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     // `active_children` reaps finished children from another thread while

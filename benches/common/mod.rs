@@ -26,6 +26,8 @@ pub fn bare_fork_wait() {
     use nix::unistd::ForkResult;
     // SAFETY: the child only calls `_exit`, which is async-signal-safe.
     match unsafe { nix::unistd::fork() }.unwrap() {
+        // SAFETY: `_exit` ends the child at once, running no destructor and
+        // no at-exit handler of the parent's program.
         ForkResult::Child => unsafe { nix::libc::_exit(0) },
         ForkResult::Parent { child } => {
             assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));

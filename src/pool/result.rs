@@ -182,12 +182,10 @@ impl ItemFormat {
                 self.is_postcard(item);
                 self.encode(item, buf)
             }
-            kind => {
-                let at = buf.len();
-                if codec::fixed::encode(item, buf) == Some(kind) {
+            _ => {
+                if self.encode_fixed(item, buf) {
                     return Ok(true);
                 }
-                buf.truncate(at);
                 self.state = FORMAT_POSTCARD;
                 Ok(false)
             }
@@ -231,26 +229,21 @@ impl Chunker {
         job: &JobHandle,
         item: &T,
     ) -> Result<()> {
-        if self.format.is_fixed() && self.format.encode_fixed(item, &mut self.buf) {
-            // The tiny-item path: one test and the item's bytes.
-            self.count += 1;
-            if self.count as usize >= self.chunksize {
+        // The tiny-item path: one test and the item's bytes.
+        if !(self.format.is_fixed() && self.format.encode_fixed(item, &mut self.buf)) {
+            if let Some(block) = job.large_item(&mut self.format, item)? {
+                // A chunk of its own, after the items before it.
                 self.flush(job)?;
+                let base = self.base;
+                self.base += 1;
+                return job.submit(base, 1, 0, Payload::Arena(block));
             }
-            return Ok(());
+            if !self.format.encode(item, &mut self.buf)? {
+                self.flush(job)?;
+                self.format.encode(item, &mut self.buf)?;
+            }
+            self.kind = self.format.kind();
         }
-        if let Some(block) = job.large_item(&mut self.format, item)? {
-            // A chunk of its own, after the items before it.
-            self.flush(job)?;
-            let base = self.base;
-            self.base += 1;
-            return job.submit(base, 1, 0, Payload::Arena(block));
-        }
-        if !self.format.encode(item, &mut self.buf)? {
-            self.flush(job)?;
-            self.format.encode(item, &mut self.buf)?;
-        }
-        self.kind = self.format.kind();
         self.count += 1;
         if self.count as usize >= self.chunksize {
             self.flush(job)?;

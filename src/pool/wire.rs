@@ -416,47 +416,64 @@ pub(crate) fn push_ok<R: Serialize>(out: &mut Vec<u8>, value: &R) -> bool {
 /// will decode it). `true` for a plain value entry; a value
 /// that has no fixed-width encoding in a fixed frame is a footer entry
 /// (`false`), in postcard, still a value for the parent.
-#[inline]
+/// Always inlined: a value of the frame's fixed-width kind, the tiny-item
+/// path, costs its bytes and one test; the other cases are calls.
+#[inline(always)]
 pub(crate) fn push_value<R: Serialize + DeserializeOwned>(sink: &mut Sink<'_>, value: &R) -> bool {
-    let out = &mut *sink.out;
-    let values = &mut sink.frame.values;
-    match *values {
+    match sink.frame.values {
         VALUES_POSTCARD => push_large_or_ok(sink, value),
-        VALUES_UNDECIDED => {
-            // Encode in place and check that it decodes back to exactly
-            // those bytes, as the parent will decode it (no allocation:
-            // with chunk size 1 this runs for every item).
-            let at = out.len();
-            if let Some(kind) = codec::fixed::encode(value, out) {
-                let mut written = &out[at..];
-                if codec::fixed::take::<R>(&mut written, kind).is_ok() && written.is_empty() {
-                    *values = kind;
-                    return true;
-                }
-                out.truncate(at);
-            }
-            *values = VALUES_POSTCARD;
-            push_large_or_ok(sink, value)
-        }
-        kind => {
-            let at = out.len();
-            if codec::fixed::encode(value, out) == Some(kind) {
-                return true;
-            }
-            // Another kind than the frame's, or none: a footer entry.
-            out.truncate(at);
-            if push_large(sink, value) {
-                return false;
-            }
-            let out = &mut *sink.out;
-            out.push(ENTRY_VALUE);
-            if codec::encode_value(value, out).is_err() {
-                out.truncate(at);
-                push_ok(out, value);
-            }
-            false
-        }
+        VALUES_UNDECIDED => push_first_value(sink, value),
+        kind => push_fixed_value(sink, value, kind),
     }
+}
+
+/// [`push_value`] in a frame whose values are fixed-width of `kind`: its
+/// bytes if `value` has that kind (`true`), else a footer entry.
+#[inline(always)]
+pub(crate) fn push_fixed_value<R: Serialize>(sink: &mut Sink<'_>, value: &R, kind: u8) -> bool {
+    let at = sink.out.len();
+    if codec::fixed::encode(value, sink.out) == Some(kind) {
+        return true;
+    }
+    sink.out.truncate(at);
+    push_footer_value(sink, value)
+}
+
+/// [`push_value`] of a frame's first value, which decides its encoding.
+#[inline]
+fn push_first_value<R: Serialize + DeserializeOwned>(sink: &mut Sink<'_>, value: &R) -> bool {
+    // Encode in place and check that it decodes back to exactly those
+    // bytes, as the parent will decode it (no allocation: with chunk size 1
+    // this runs for every item).
+    let out = &mut *sink.out;
+    let at = out.len();
+    if let Some(kind) = codec::fixed::encode(value, out) {
+        let mut written = &out[at..];
+        if codec::fixed::take::<R>(&mut written, kind).is_ok() && written.is_empty() {
+            sink.frame.values = kind;
+            return true;
+        }
+        out.truncate(at);
+    }
+    sink.frame.values = VALUES_POSTCARD;
+    push_large_or_ok(sink, value)
+}
+
+/// [`push_value`] of a value without the fixed-width kind of its frame: a
+/// footer entry (`false`).
+#[inline(never)]
+pub(crate) fn push_footer_value<R: Serialize>(sink: &mut Sink<'_>, value: &R) -> bool {
+    if push_large(sink, value) {
+        return false;
+    }
+    let out = &mut *sink.out;
+    let at = out.len();
+    out.push(ENTRY_VALUE);
+    if codec::encode_value(value, out).is_err() {
+        out.truncate(at);
+        push_ok(out, value);
+    }
+    false
 }
 
 /// A postcard value entry, or a shared one for a large value.

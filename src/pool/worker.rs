@@ -88,14 +88,20 @@ pub(crate) struct Batch<'a> {
     last_flush: u64,
     /// The call stopped because results are due to be written.
     flush_due: bool,
+    /// Where the running item's entry starts (a panic truncates to it).
+    entry_at: usize,
+    /// The running item is being decoded from postcard.
+    decoding: bool,
 }
 
 impl Batch<'_> {
     /// Runs items while the budget lasts: each decoded, passed to `call`
-    /// under one `catch_unwind` for the whole run (a panic fails its item,
-    /// appends its entry, and the run goes on with the next item), its
-    /// entry appended. `Err(message)`: the next item does not decode (its
-    /// `started` count is stored, no entry appended).
+    /// under one `catch_unwind` for the whole run (a panic of the task or
+    /// of its result's `Serialize` fails its item, appends its entry, and
+    /// the run goes on with the next item), its entry appended.
+    /// `Err(message)`: the next item does not decode, or its `Deserialize`
+    /// panicked (then where the next item starts is unknown); its
+    /// `started` count is stored, no entry appended.
     #[inline(always)]
     fn run<T: DeserializeOwned, R: Serialize + DeserializeOwned>(
         &mut self,
@@ -104,24 +110,11 @@ impl Batch<'_> {
         mut call: impl FnMut(T) -> R,
     ) -> Result<(), String> {
         while self.ran < self.budget && !self.flush_due {
-            let mut entry_at = self.sink.out.len();
             let run = unwind::catch(|| -> Result<(), String> {
                 while self.ran < self.budget {
-                    if kind != 0 {
-                        self.fixed_run(input, kind, &mut call, &mut entry_at)?;
-                        if self.ran == self.budget {
-                            break;
-                        }
+                    if !(kind != 0 && self.fixed_run(input, kind, &mut call)?) {
+                        self.item(input, kind, &mut call, kind == 0, wire::push_value)?;
                     }
-                    self.progress
-                        .started
-                        .store(*self.seq + 1, Ordering::Relaxed);
-                    let item = next_item::<T>(input, kind)?;
-                    entry_at = self.sink.out.len();
-                    let r = call(item);
-                    let ok = wire::push_value(&mut self.sink, &r);
-                    self.sink.frame.entry(ok);
-                    self.finished();
                     if self.ran < self.budget
                         && (self.sink.out.len() >= FLUSH_BYTES
                             || self.clock.passed(self.last_flush, FLUSH_INTERVAL_NS))
@@ -134,10 +127,16 @@ impl Batch<'_> {
             });
             match run {
                 Ok(r) => return r,
+                Err(report) if self.decoding => {
+                    return Err(format!(
+                        "the item's Deserialize panicked: {}",
+                        report.message
+                    ));
+                }
                 Err(report) => {
                     // The task (or its result's `Serialize`) panicked: drop
                     // what the entry had written, and report the panic.
-                    self.sink.out.truncate(entry_at);
+                    self.sink.out.truncate(self.entry_at);
                     wire::push_panic(self.sink.out, &report);
                     self.sink.frame.entry(false);
                     self.finished();
@@ -147,58 +146,89 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Runs one item: its `started` count, decode, `call`, its entry
+    /// appended by `push`, its `finished` count. `Ok(true)` for a plain
+    /// value entry (see [`wire::push_value`]); `Err(message)` if it does
+    /// not decode. `postcard`: the item is postcard, whose reader may stop
+    /// anywhere in it if its `Deserialize` panics (a fixed-width reader has
+    /// moved past the item's bytes before the `Deserialize` sees them: a
+    /// panic there fails the item alone, as a panic of the task does).
+    #[inline(always)]
+    fn item<T: DeserializeOwned, R: Serialize + DeserializeOwned>(
+        &mut self,
+        input: &mut &[u8],
+        kind: u8,
+        call: &mut impl FnMut(T) -> R,
+        postcard: bool,
+        push: impl FnOnce(&mut Sink<'_>, &R) -> bool,
+    ) -> Result<bool, String> {
+        self.progress
+            .started
+            .store(*self.seq + 1, Ordering::Relaxed);
+        self.entry_at = self.sink.out.len();
+        if postcard {
+            self.decoding = true;
+        }
+        let item = next_item::<T>(input, kind)?;
+        if postcard {
+            self.decoding = false;
+        }
+        let r = call(item);
+        let plain = push(&mut self.sink, &r);
+        self.sink.frame.entry(plain);
+        self.finished();
+        Ok(plain)
+    }
+
     /// Runs fixed-width items whose results have the frame's fixed-width
     /// kind, as many as can run before a flush check is due (the clock's
-    /// stride, and room for results below `FLUSH_BYTES`), with none of the
-    /// per-item checks of the general loop: the same results and counters,
-    /// fewer instructions per tiny item. A result of another kind goes the
-    /// general way (`push_value`), and the run goes on.
+    /// stride, and room for results below `FLUSH_BYTES`), without the
+    /// general loop's per-item flush checks: the same entries and counters,
+    /// fewer instructions per tiny item. A result of another kind (a footer
+    /// entry, perhaps large) ends the run. `Ok(true)` if it ran any item:
+    /// the flush check is due next.
     #[inline(always)]
     fn fixed_run<T: DeserializeOwned, R: Serialize + DeserializeOwned>(
         &mut self,
         input: &mut &[u8],
         kind: u8,
         call: &mut impl FnMut(T) -> R,
-        entry_at: &mut usize,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let values = self.sink.frame.values;
         if values == wire::VALUES_UNDECIDED || values == wire::VALUES_POSTCARD {
-            return Ok(());
+            return Ok(false);
         }
         // A fixed-width result is at most 16 bytes.
         let room = FLUSH_BYTES.saturating_sub(self.sink.out.len()) / 16;
         let n = (self.budget - self.ran)
             .min(self.clock.left.saturating_sub(1))
             .min(u32::try_from(room).unwrap_or(u32::MAX));
-        if n == 0 {
-            return Ok(());
-        }
         self.sink.out.reserve(16 * n as usize);
+        // `item`'s steps with `wire::push_fixed_value` unrolled, the kinds
+        // known: measured (callgrind, `benches/probe_w2.rs`), calling `item`
+        // here costs a worker 61 to 64 instructions per tiny item, this 48.
         for _ in 0..n {
             self.progress
                 .started
                 .store(*self.seq + 1, Ordering::Relaxed);
-            let item = codec::fixed::take::<T>(input, kind)
-                .map_err(|_| String::from("a fixed-width item does not decode"))?;
-            *entry_at = self.sink.out.len();
+            self.entry_at = self.sink.out.len();
+            let item = next_item::<T>(input, kind)?;
             let r = call(item);
-            if codec::fixed::encode(&r, self.sink.out) == Some(values) {
-                self.sink.frame.entry(true);
-            } else {
-                // A footer entry, perhaps large: back to the general loop,
-                // which checks for a flush after every item.
-                self.sink.out.truncate(*entry_at);
-                let ok = wire::push_value(&mut self.sink, &r);
-                self.sink.frame.entry(ok);
-                self.clock.left -= 1;
-                self.finished();
-                return Ok(());
-            }
             // The clock's reads are counted as the general loop counts them.
             self.clock.left -= 1;
-            self.finished();
+            if codec::fixed::encode(&r, self.sink.out) == Some(values) {
+                self.sink.frame.entry(true);
+                self.finished();
+            } else {
+                // Another kind: a footer entry, and the run ends.
+                self.sink.out.truncate(self.entry_at);
+                wire::push_footer_value(&mut self.sink, &r);
+                self.sink.frame.entry(false);
+                self.finished();
+                break;
+            }
         }
-        Ok(())
+        Ok(n > 0)
     }
 
     #[inline(always)]
@@ -470,6 +500,8 @@ impl Worker<'_> {
                         clock: &mut self.clock,
                         last_flush: self.last_flush,
                         flush_due: false,
+                        entry_at: 0,
+                        decoding: false,
                     };
                     let r = tramp(f, value, raw, &mut items, kind, Some(&mut batch));
                     let (ran, due) = (batch.ran, batch.flush_due);
