@@ -37,12 +37,15 @@ pub enum Error {
     },
 
     /// A child exited without delivering its result.
-    #[error("process {pid} died with exit code {exitcode}{}", signal_suffix(*exitcode))]
+    #[error("process {pid}{} died with exit code {exitcode}{}", on_rank(*rank), signal_suffix(*exitcode))]
     Died {
-        /// The child's pid.
+        /// The child's pid (on its rank's host, for an `MpiPool`).
         pid: u32,
         /// Its exit code: `n` for an exit status, `-s` for death by signal `s`.
         exitcode: i32,
+        /// The MPI rank whose worker it was (an `MpiPool`, cargo feature
+        /// `mpi`); `None` for a child of this process.
+        rank: Option<usize>,
     },
 
     /// A deadline passed before the operation completed.
@@ -106,19 +109,6 @@ pub enum Error {
         reason: String,
     },
 
-    /// A task's worker process on an MPI worker rank exited without
-    /// delivering its result: the [`Died`](Error::Died) of an `MpiPool`
-    /// (cargo feature `mpi`), naming the rank.
-    #[error("process {pid} on rank {rank} died with exit code {exitcode}{}", signal_suffix(*exitcode))]
-    RankDied {
-        /// The MPI rank that ran the task.
-        rank: usize,
-        /// The worker's pid on that rank's host.
-        pid: u32,
-        /// Its exit code: `n` for an exit status, `-s` for death by signal `s`.
-        exitcode: i32,
-    },
-
     /// The MPI job cannot run the pool or this task: the ranks run
     /// different binaries, a task function lies outside the executable, MPI
     /// was initialized without the threading it needs. The message says which.
@@ -130,9 +120,9 @@ pub enum Error {
 }
 
 impl Error {
-    /// `true` for [`Error::Died`] and [`Error::RankDied`].
+    /// `true` for [`Error::Died`].
     pub fn is_died(&self) -> bool {
-        matches!(self, Error::Died { .. } | Error::RankDied { .. })
+        matches!(self, Error::Died { .. })
     }
 
     /// `true` for [`Error::Panicked`].
@@ -267,6 +257,11 @@ impl fmt::Display for CodecError {
 impl std::error::Error for CodecError {}
 
 /// `" (SIGKILL)"` for a negative exit code that names a signal.
+/// `" on rank r"` for a [`Error::Died`] of an MPI rank's worker.
+fn on_rank(rank: Option<usize>) -> String {
+    rank.map(|r| format!(" on rank {r}")).unwrap_or_default()
+}
+
 pub(crate) fn signal_suffix(exitcode: i32) -> String {
     if exitcode == crate::exitcode::UNKNOWN {
         " (unknown: its status was reaped elsewhere)".to_string()
@@ -289,7 +284,8 @@ mod tests {
         assert_eq!(
             Error::Died {
                 pid: 42,
-                exitcode: -9
+                exitcode: -9,
+                rank: None
             }
             .to_string(),
             "process 42 died with exit code -9 (SIGKILL)"
@@ -297,7 +293,8 @@ mod tests {
         assert_eq!(
             Error::Died {
                 pid: 42,
-                exitcode: 3
+                exitcode: 3,
+                rank: None
             }
             .to_string(),
             "process 42 died with exit code 3"

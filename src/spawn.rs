@@ -178,7 +178,11 @@ impl<T: DeserializeOwned> JoinHandle<T> {
         self.delivered = true;
         let pid = self.pid();
         let exitcode = self.process.join()?;
-        Err(Error::Died { pid, exitcode })
+        Err(Error::Died {
+            pid,
+            exitcode,
+            rank: None,
+        })
     }
 }
 

@@ -8,7 +8,7 @@
 //! once every check held. Scenarios:
 //!
 //! - `methods`: every method gives what the local `Pool` gives on the same
-//!   inputs; a segfaulting task fails only its item (`RankDied`, naming a
+//!   inputs; a segfaulting task fails only its item (`Died`, naming a
 //!   worker rank) and the next map works; a panic is `Panicked`; a task past
 //!   `task_timeout` is `Timeout`; a function from outside the executable is
 //!   `Error::Mpi` and the pool still works.
@@ -253,8 +253,8 @@ fn sleep_ms(ms: u64) -> u64 {
     ms
 }
 
-/// The same results, ignoring which kind of "died" a failure is (the local
-/// pool says `Died`, the MPI pool `RankDied`).
+/// The same results, comparing the kinds of failure (the MPI pool's `Died`
+/// names a rank, the local pool's does not).
 fn same<R: PartialEq + std::fmt::Debug>(
     mpi: &[multiproc::Result<R>],
     local: &[multiproc::Result<R>],
@@ -359,8 +359,8 @@ fn methods() {
     let want: Vec<_> = local.imap(crash_on_3, 0..8u32).collect();
     same(&got, &want);
     match &got[3] {
-        Err(Error::RankDied {
-            rank,
+        Err(Error::Died {
+            rank: Some(rank),
             exitcode: -11,
             ..
         }) => assert!((1..np).contains(rank), "rank {rank}"),
@@ -369,7 +369,11 @@ fn methods() {
     assert!(got[3].as_ref().unwrap_err().to_string().contains("on rank"));
     assert!(matches!(
         pool.map(crash_on_3, 0..8u32),
-        Err(Error::RankDied { exitcode: -11, .. })
+        Err(Error::Died {
+            exitcode: -11,
+            rank: Some(_),
+            ..
+        })
     ));
     assert_eq!(pool.map(square, 0..100u64).unwrap()[99], 9801);
     // A panic.
@@ -386,7 +390,7 @@ fn methods() {
     assert_eq!(got[2].as_ref().ok(), Some(&2));
 
     // A function from outside the executable: an error, not a jump.
-    // SAFETY (test): never called here; the pool must refuse its address.
+    // SAFETY: never called; the pool must refuse its address.
     let foreign: fn(u64) -> u64 = unsafe {
         std::mem::transmute(
             nix::libc::labs as unsafe extern "C" fn(nix::libc::c_long) -> nix::libc::c_long,

@@ -90,7 +90,9 @@ fn self_sigkill_becomes_died() {
     .unwrap();
     let pid = h.pid();
     match join(h) {
-        Err(Error::Died { pid: p, exitcode }) => {
+        Err(Error::Died {
+            pid: p, exitcode, ..
+        }) => {
             assert_eq!(p, pid);
             assert_eq!(exitcode, -9);
         }

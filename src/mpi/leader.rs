@@ -7,6 +7,7 @@
 //! with its workers.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
@@ -16,7 +17,7 @@ use super::image;
 use super::link::{self, Backoff, Pause, MAX_SLEEP};
 use super::wire::{self, FromRank, ToRank};
 use crate::error::{Error, Result};
-use crate::pool::backend::{Chunk, Command, JobMsg, JobTable, TaskRef};
+use crate::pool::backend::{Chunk, Command, JobMsg, JobTable, Payload, TaskRef};
 use crate::sys::PendingSend;
 
 /// The longest sleep while sends are in flight (MPI moves a large message's
@@ -223,18 +224,26 @@ impl Leader {
         debug_assert_eq!(chunk.start, 0);
         let header = ToRank::Chunk {
             job: chunk.job,
-            base: chunk.base + u64::from(chunk.start),
+            base: chunk.base,
             count: chunk.len(),
             kind: chunk.kind,
         };
-        match wire::encode(&header, &chunk.items[..]) {
+        let (job, base, count) = (chunk.job, chunk.base, u64::from(chunk.len()));
+        // The items are the front end's own (no arena, never split here):
+        // given to the message, not copied, when nothing else holds them.
+        let msg = match Arc::try_unwrap(chunk.items) {
+            Ok(Payload::Inline(items)) => wire::encode_owned(&header, items),
+            Ok(other) => wire::encode(&header, &other[..]),
+            Err(shared) => wire::encode(&header, &shared[..]),
+        };
+        match msg {
             Ok(m) => {
                 self.isend(r, m);
                 self.ranks[r].inflight.push(InFlight {
-                    job: chunk.job,
-                    base: chunk.base,
-                    count: u64::from(chunk.len()),
-                    left: u64::from(chunk.len()),
+                    job,
+                    base,
+                    count,
+                    left: count,
                 });
             }
             Err(e) => {

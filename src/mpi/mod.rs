@@ -36,7 +36,7 @@
 //!   shared library cast to `fn`) fails its call with [`Error::Mpi`].
 //! - **Failures.** A task that panics is [`Error::Panicked`]; one that
 //!   crashes its worker process fails only its item, with
-//!   [`Error::RankDied`] naming the rank and the pid, and the worker is
+//!   [`Error::Died`] naming the rank (`rank: Some(r)`) and the pid, and the worker is
 //!   replaced; `task_timeout` works as in [`Pool`]. A *rank* that dies ends
 //!   the job, as MPI does: `mpiexec` kills the other ranks and exits with a
 //!   non-zero status.
@@ -314,13 +314,10 @@ fn lead_handshake(b: &MpiPoolBuilder, ranks: usize) -> Result<Vec<usize>> {
         for r in 1..ranks {
             link::send(&world, r, &close);
         }
+        // One deadline for all of them.
+        let deadline = Instant::now() + Duration::from_secs(30);
         for r in 1..ranks {
-            let _ = link::recv_from(
-                &world,
-                r,
-                Instant::now() + Duration::from_secs(30),
-                "goodbye",
-            );
+            let _ = link::recv_from(&world, r, deadline, "goodbye");
         }
         return Err(e);
     }
@@ -440,8 +437,10 @@ fn serve_inner(
             })
         }
     };
-    // The pool forked before MPI started, or one now (no launcher said
-    // which rank this is) of the size rank 0 planned.
+    // The pool forked before MPI started (`start` forks it on every rank
+    // its launcher did not name rank 0); one now, of the size rank 0
+    // planned, only if the launcher's variables named this rank 0 while MPI
+    // made it another.
     let pool = match early {
         Some(p) => p,
         None => b.local_pool(workers),
@@ -507,7 +506,7 @@ impl MpiPool {
     /// As [`Pool::map`], across the ranks.
     ///
     /// # Errors
-    /// As [`Pool::map`]; a crashed worker is [`Error::RankDied`];
+    /// As [`Pool::map`]; a crashed worker is [`Error::Died`] naming its rank;
     /// [`Error::Mpi`] for a function from outside the executable.
     pub fn map<T, R>(&self, f: fn(T) -> R, items: impl IntoIterator<Item = T>) -> Result<Vec<R>>
     where

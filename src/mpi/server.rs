@@ -68,7 +68,7 @@ impl Server {
             self.pool.close();
             let _ = self.pool.join();
         }
-        self.send(&FromRank::Bye, &[]);
+        self.send(&FromRank::Bye, Vec::new());
     }
 
     /// Handles one message from rank 0: `Some(now)` for `Close`.
@@ -132,7 +132,7 @@ impl Server {
                 job,
                 error: WireError::from_error(e),
             },
-            &[],
+            Vec::new(),
         );
     }
 
@@ -188,7 +188,7 @@ impl Server {
         progress
     }
 
-    fn send(&self, header: &FromRank, body: &[u8]) {
+    fn send(&self, header: &FromRank, body: Vec<u8>) {
         send(&self.world, header, body);
     }
 }
@@ -218,7 +218,7 @@ fn forward_one(world: &SimpleCommunicator, job: u64, msg: JobMsg) {
                 count,
                 kind,
             },
-            &bytes[..],
+            bytes,
         ),
         JobMsg::Failed { index, error } => send(
             world,
@@ -227,7 +227,7 @@ fn forward_one(world: &SimpleCommunicator, job: u64, msg: JobMsg) {
                 index,
                 error: WireError::from_error(&error),
             },
-            &[],
+            Vec::new(),
         ),
         JobMsg::Abort(error) => send(
             world,
@@ -235,13 +235,14 @@ fn forward_one(world: &SimpleCommunicator, job: u64, msg: JobMsg) {
                 job,
                 error: WireError::from_error(&error),
             },
-            &[],
+            Vec::new(),
         ),
     }
 }
 
-fn send(world: &SimpleCommunicator, header: &FromRank, body: &[u8]) {
-    match wire::encode(header, body) {
+/// Sends `header` after `body` (given away: not copied) to rank 0.
+fn send(world: &SimpleCommunicator, header: &FromRank, body: Vec<u8>) {
+    match wire::encode_owned(header, body) {
         Ok(m) => link::send(world, 0, &m),
         Err(e) => log::error!("multiproc: mpi: cannot encode a message to rank 0: {e}"),
     }

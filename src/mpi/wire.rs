@@ -104,7 +104,7 @@ pub(crate) enum WireError {
 impl WireError {
     pub(crate) fn from_error(e: &Error) -> WireError {
         match e {
-            Error::Died { pid, exitcode } => WireError::Died {
+            Error::Died { pid, exitcode, .. } => WireError::Died {
                 pid: *pid,
                 exitcode: *exitcode,
             },
@@ -130,10 +130,10 @@ impl WireError {
     /// The error on rank 0, naming the `rank` it happened on.
     pub(crate) fn into_error(self, rank: usize) -> Error {
         match self {
-            WireError::Died { pid, exitcode } => Error::RankDied {
-                rank,
+            WireError::Died { pid, exitcode } => Error::Died {
                 pid,
                 exitcode,
+                rank: Some(rank),
             },
             WireError::Timeout => Error::Timeout,
             WireError::PoolClosed => Error::PoolClosed,
@@ -154,12 +154,17 @@ impl WireError {
 
 /// Encodes a message: `body`, then the header.
 pub(crate) fn encode<H: Serialize>(header: &H, body: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    codec::encode_value(header, &mut out)?;
-    let len = u32::try_from(out.len()).map_err(|_| invalid("header too long"))?;
-    let mut msg = Vec::with_capacity(body.len() + out.len() + 4);
+    let mut msg = Vec::with_capacity(body.len() + 64);
     msg.extend_from_slice(body);
-    msg.extend_from_slice(&out);
+    encode_owned(header, msg)
+}
+
+/// [`encode`] of a body the caller gives away: the header goes after it in
+/// the same buffer (the body is not copied).
+pub(crate) fn encode_owned<H: Serialize>(header: &H, mut msg: Vec<u8>) -> Result<Vec<u8>> {
+    let at = msg.len();
+    codec::encode_value(header, &mut msg)?;
+    let len = u32::try_from(msg.len() - at).map_err(|_| invalid("header too long"))?;
     msg.extend_from_slice(&len.to_le_bytes());
     Ok(msg)
 }
@@ -249,6 +254,7 @@ mod tests {
         let e = WireError::from_error(&Error::Died {
             pid: 5,
             exitcode: -11,
+            rank: None,
         })
         .into_error(2);
         assert_eq!(

@@ -12,8 +12,8 @@
 //!   chunks of already-encoded items, and take its raw [`JobMsg`]s back
 //!   (an MPI worker rank runs what rank 0 sent in its local fork pool).
 //!
-//! Item and result bytes are only read through `&x[..]` and built with
-//! `.into()`. A backend's front end has no arena (items arrive inline), and
+//! Item and result bytes are only read through `&x[..]`. A backend's front
+//! end has no arena (items arrive inline), and
 //! a pool that serves raw jobs is built with
 //! [`PoolBuilder::inline_results`](super::PoolBuilder::inline_results), so
 //! result bytes never name a worker's shared region.
@@ -32,6 +32,7 @@ use super::{Inner, Pool};
 use crate::error::Result;
 
 pub(crate) use super::jobs::{Chunk, JobTable};
+pub(crate) use super::payload::Payload;
 pub(crate) use super::protocol::{Command, JobMsg, TaskRef};
 
 impl Pool {
@@ -104,8 +105,7 @@ impl RawJob {
     /// # Errors
     /// [`Error::PoolClosed`](crate::Error::PoolClosed) once the pool stopped.
     pub(crate) fn submit(&self, base: u64, count: u32, kind: u8, items: Vec<u8>) -> Result<()> {
-        #[allow(clippy::useless_conversion)]
-        self.0.submit(base, count, kind, items.into())
+        self.0.submit(base, count, kind, Payload::Inline(items))
     }
 
     /// The next message of the job, without waiting.

@@ -525,6 +525,7 @@ impl Dispatcher {
                 Error::Died {
                     pid: w.pid,
                     exitcode,
+                    rank: None,
                 }
             };
             self.jobs.send(job, JobMsg::Failed { index, error });

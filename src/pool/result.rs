@@ -284,9 +284,14 @@ pub(crate) fn replicate(e: &Error) -> Error {
     match e {
         Error::PoolClosed => Error::PoolClosed,
         Error::Timeout => Error::Timeout,
-        Error::Died { pid, exitcode } => Error::Died {
+        Error::Died {
+            pid,
+            exitcode,
+            rank,
+        } => Error::Died {
             pid: *pid,
             exitcode: *exitcode,
+            rank: *rank,
         },
         Error::Setup { step, source } => Error::Setup {
             step: step.clone(),

@@ -74,18 +74,24 @@ pub(crate) fn fn_addr<F: FnPointer>(f: F) -> usize {
 /// The function pointer of type `F` whose address is `addr`.
 ///
 /// Contract (crate-private): `addr` must come from [`fn_addr::<F>`] with the
-/// same `F`, in this process or in a process of the same image that this
-/// one is a `fork` of or that is a `fork` of this one (no exec between:
-/// the fork server and its caller). The crate sends such addresses only
-/// over its private sockets: the pool's dispatcher to its workers, a caller
-/// to its fork server.
+/// same `F`, either in this process or in a process of the same image that
+/// this one is a `fork` of or that is a `fork` of this one (no exec between:
+/// the fork server and its caller), or on another MPI rank, as an offset
+/// from `mpi::image`'s anchor function that `mpi::image::addr_of` turned
+/// back into an address here, checked to lie in the executable's code, the
+/// ranks' executables being byte-identical (the handshake's checksum). The
+/// crate sends such addresses and offsets only over its private channels:
+/// the pool's dispatcher to its workers, a caller to its fork server, rank 0
+/// to the worker ranks.
 pub(crate) fn fn_from_addr<F: FnPointer>(addr: usize) -> F {
     const { assert!(mem::size_of::<F>() == mem::size_of::<usize>()) };
     // SAFETY: by the contract above `addr` is the address of a function of
-    // type `F` in a process that shares our image through fork (no exec): it
-    // runs the same executable mapped at the same addresses, so the address
-    // names the same function here. fn pointers are never null,
-    // and `addr` came from one.
+    // type `F` in a process that shares our image through fork (no exec),
+    // which runs the same executable mapped at the same addresses, or the
+    // same function's offset from a common anchor in a byte-identical
+    // executable, added to the anchor's address here: either way it names
+    // the same function here. fn pointers are never null, and `addr` came
+    // from one.
     unsafe { mem::transmute_copy::<usize, F>(&addr) }
 }
 
