@@ -69,9 +69,77 @@ pub(crate) fn encode_frame<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) 
         out.truncate(start);
         return Err(CodecError::new(CodecErrorKind::Encode(e.to_string())).into());
     }
+    close_frame(out, start);
+    Ok(())
+}
+
+/// [`encode_frame`] for a value whose payload is shorter than `cap` bytes:
+/// `Ok(false)`, with `out` as it was, once the payload reaches `cap` (one
+/// pass for a small value, instead of a counting pass and an encode).
+pub(crate) fn encode_frame_below<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+    cap: usize,
+) -> Result<bool> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    let flavor = CappedVec {
+        limit: out.len().saturating_add(cap),
+        out,
+    };
+    match postcard::serialize_with_flavor::<T, _, ()>(value, flavor) {
+        Ok(()) => {
+            close_frame(out, start);
+            Ok(true)
+        }
+        Err(postcard::Error::SerializeBufferFull) => {
+            out.truncate(start);
+            Ok(false)
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(CodecError::new(CodecErrorKind::Encode(e.to_string())).into())
+        }
+    }
+}
+
+/// Writes the length of the frame that starts at `start` into its header.
+fn close_frame(out: &mut [u8], start: usize) {
     let len = (out.len() - start - HEADER_LEN) as u64;
     out[start..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
-    Ok(())
+}
+
+/// [`VecFlavor`] that stops (`SerializeBufferFull`) once `out` would reach
+/// `limit` bytes.
+struct CappedVec<'a> {
+    out: &'a mut Vec<u8>,
+    limit: usize,
+}
+
+impl postcard::ser_flavors::Flavor for CappedVec<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        if self.out.len() + data.len() >= self.limit {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        sys::extend_small(self.out, data);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        if self.out.len() + 1 >= self.limit {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        self.out.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 /// A postcard flavor that only counts, and stops once `cap` is reached.
@@ -404,6 +472,22 @@ pub(crate) fn oversize_on_send(len: usize, limit: usize) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capped_frame_is_the_frame_or_nothing() {
+        let small = vec![7u8; 100];
+        let (mut a, mut b) = (vec![1, 2], vec![1, 2]);
+        encode_frame(&small, &mut a).unwrap();
+        assert!(encode_frame_below(&small, &mut b, 1000).unwrap());
+        assert_eq!(a, b);
+        // 100 bytes and their varint length: 101 bytes reach a cap of 101.
+        let mut c = vec![1, 2];
+        assert!(!encode_frame_below(&small, &mut c, 101).unwrap());
+        assert_eq!(c, [1, 2]);
+        assert!(encode_frame_below(&small, &mut c, 102).unwrap());
+        assert_eq!(c, a);
+        assert!(encode_frame_below(&small, &mut c, usize::MAX).unwrap());
+    }
     use std::os::fd::AsFd;
 
     #[test]

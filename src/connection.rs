@@ -156,13 +156,16 @@ impl Connection {
     /// than [`max_frame_len`](Connection::max_frame_len) bytes; [`Error::Io`]
     /// if the write fails (`BrokenPipe` once the peer closed its end).
     pub fn send<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
-        if self.socket && codec::encodes_to_at_least(value, SHARED_MIN) {
+        self.wbuf.clear();
+        // Over a socket, a value of `SHARED_MIN` bytes or more goes through
+        // this end's region (when it has room): the encode stops there.
+        let cap = if self.socket { SHARED_MIN } else { usize::MAX };
+        if !codec::encode_frame_below(value, &mut self.wbuf, cap)? {
             if let Some(sent) = self.send_shared(value) {
                 return sent;
             }
+            codec::encode_frame(value, &mut self.wbuf)?;
         }
-        self.wbuf.clear();
-        codec::encode_frame(value, &mut self.wbuf)?;
         let len = self.wbuf.len() - HEADER_LEN;
         if len > self.reader.limit() {
             return Err(codec::oversize_on_send(len, self.reader.limit()));

@@ -235,7 +235,13 @@ impl Popen {
         use std::sync::atomic::Ordering;
         if !server_gone.load(Ordering::Relaxed) {
             let mut code = [0u8; 4];
-            match sys::recv_nonblocking(self.sentinel_fd()?, &mut code)? {
+            // Set at creation (the server's channel): `sentinel_fd` would
+            // take the status lock, which the caller holds.
+            let channel = self
+                .sentinel
+                .get()
+                .expect("a fork-server child has its channel");
+            match sys::recv_nonblocking(channel.as_fd(), &mut code)? {
                 Some(4) => return Ok(Some(i32::from_le_bytes(code))),
                 None => return Ok(None),
                 // End of file (or a torn report): the server is gone

@@ -108,7 +108,7 @@ impl Region {
         }
     }
 
-    /// Checks that `offset..offset + len` is a range a worker may report.
+    /// Checks that `offset..offset + len` is a range the writer may name.
     pub(crate) fn check(&self, offset: u64, len: u64) -> bool {
         let (o, l) = (offset as usize, len as usize);
         o.is_multiple_of(BLOCK)
@@ -116,7 +116,8 @@ impl Region {
             && o.checked_add(l).is_some_and(|end| end <= REGION_LEN)
     }
 
-    /// In the worker: gives back a range it took but did not report.
+    /// In the writer: gives back a range it took but did not name (its
+    /// encode failed, or its message was never sent).
     pub(crate) fn unalloc(&self, offset: usize, len: usize) {
         self.free(offset, len);
     }

@@ -48,8 +48,13 @@ static HOOK: Once = Once::new();
 static DESCRIBER: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets how panics in children name their process: `(name, pid)`.
+/// Stored once: a write on every start would dirty the page again after
+/// each fork (a copy-on-write fault in the parent).
 pub(crate) fn set_describer(f: fn() -> (String, u32)) {
-    DESCRIBER.store(f as usize, Ordering::Release);
+    let f = sys::fn_addr(f);
+    if DESCRIBER.load(Ordering::Acquire) != f {
+        DESCRIBER.store(f, Ordering::Release);
+    }
 }
 
 fn describe() -> (String, u32) {

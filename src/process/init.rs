@@ -2,7 +2,7 @@
 //! after-fork hooks, the death signal, and the bootstrap of a task.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,11 +43,9 @@ pub fn register_after_fork(hook: fn()) {
     AFTER_FORK_LEN.store(hooks.len(), Ordering::Release);
 }
 
-static DESCRIBER: Once = Once::new();
-
-/// Tells the panic hook how to name a child (once: later calls only read).
+/// Tells the panic hook how to name a child.
 pub(super) fn set_describer() {
-    DESCRIBER.call_once(|| unwind::set_describer(describe_for_panics));
+    unwind::set_describer(describe_for_panics);
 }
 
 /// The target of a child, boxed.
