@@ -66,30 +66,43 @@ fn sleep_ms(ms: u64) -> u64 {
 }
 
 fn local_w2(pool: &Pool) {
-    pool.map(square, 0..1000u64).unwrap();
-    let mut v = Vec::new();
-    for _ in 0..REPS {
-        let t0 = Instant::now();
-        let r = pool.map(square, 0..1_000_000u64).unwrap();
-        v.push(1e6 / t0.elapsed().as_secs_f64());
-        assert_eq!(r[999_999], 999_999 * 999_999);
-    }
+    let v = tiny_map_rates(|items| pool.map(square, items));
     emit("W2", "local_map_tiny_default_chunk", "tasks_per_s", &v, 0);
 }
 
 fn local_w4(pool: &Pool) {
+    let v = apply_roundtrips_us(|i| pool.apply(ident, i));
+    emit("W4", "local_apply_roundtrip", "us_per_call", &v, 1);
+}
+
+/// Tasks per second of `map(square)` over 1 M `u64`s, after a warm-up: W2
+/// and M2.
+fn tiny_map_rates(map: impl Fn(std::ops::Range<u64>) -> multiproc::Result<Vec<u64>>) -> Vec<f64> {
+    map(0..1000).unwrap();
+    let mut v = Vec::new();
+    for _ in 0..REPS {
+        let t0 = Instant::now();
+        let r = map(0..1_000_000).unwrap();
+        v.push(1e6 / t0.elapsed().as_secs_f64());
+        assert_eq!(r[999_999], 999_999 * 999_999);
+    }
+    v
+}
+
+/// µs per round trip of `apply(ident, i)`, after 200 to warm up: W4 and M4.
+fn apply_roundtrips_us(apply: impl Fn(u64) -> multiproc::Result<u64>) -> Vec<f64> {
     for i in 0..200 {
-        pool.apply(ident, i).unwrap();
+        apply(i).unwrap();
     }
     let mut v = Vec::new();
     for _ in 0..REPS {
         let t0 = Instant::now();
         for i in 0..2000 {
-            assert_eq!(pool.apply(ident, i).unwrap(), i);
+            assert_eq!(apply(i).unwrap(), i);
         }
         v.push(t0.elapsed().as_secs_f64() / 2000.0 * 1e6);
     }
-    emit("W4", "local_apply_roundtrip", "us_per_call", &v, 1);
+    v
 }
 
 /// M0: 8 bytes there and back between ranks 0 and 1 with rsmpi's blocking
@@ -153,14 +166,7 @@ fn pool() {
 
 fn m2(pool: &MpiPool) {
     // M2: 1 M tiny tasks, the default chunk size.
-    pool.map(square, 0..1000u64).unwrap();
-    let mut v = Vec::new();
-    for _ in 0..REPS {
-        let t0 = Instant::now();
-        let r = pool.map(square, 0..1_000_000u64).unwrap();
-        v.push(1e6 / t0.elapsed().as_secs_f64());
-        assert_eq!(r[999_999], 999_999 * 999_999);
-    }
+    let v = tiny_map_rates(|items| pool.map(square, items));
     emit("M2", "mpi_map_tiny_default_chunk", "tasks_per_s", &v, 0);
 }
 
@@ -182,17 +188,7 @@ fn m3(pool: &MpiPool) {
 
 fn m4(pool: &MpiPool) {
     // M4: apply round trips.
-    for i in 0..200 {
-        pool.apply(ident, i).unwrap();
-    }
-    let mut v = Vec::new();
-    for _ in 0..REPS {
-        let t0 = Instant::now();
-        for i in 0..2000 {
-            assert_eq!(pool.apply(ident, i).unwrap(), i);
-        }
-        v.push(t0.elapsed().as_secs_f64() / 2000.0 * 1e6);
-    }
+    let v = apply_roundtrips_us(|i| pool.apply(ident, i));
     emit("M4", "mpi_apply_roundtrip", "us_per_call", &v, 1);
 }
 

@@ -211,12 +211,7 @@ impl Leader {
             let body: &[u8] = ctx.map(|c| &c[..]).unwrap_or(&[]);
             match wire::encode(&header, body) {
                 Ok(m) => self.isend(r, m),
-                Err(e) => {
-                    self.jobs.send(chunk.job, JobMsg::Abort(e));
-                    self.jobs.retire(chunk.job);
-                    self.jobs.end(chunk.job);
-                    return;
-                }
+                Err(e) => return self.abort_chunk(chunk.job, e),
             }
             self.ranks[r].known.insert(chunk.job);
         }
@@ -246,12 +241,15 @@ impl Leader {
                     left: count,
                 });
             }
-            Err(e) => {
-                self.jobs.send(chunk.job, JobMsg::Abort(e));
-                self.jobs.retire(chunk.job);
-                self.jobs.end(chunk.job);
-            }
+            Err(e) => self.abort_chunk(job, e),
         }
+    }
+
+    /// A chunk of `job` cannot be sent (`e`): the job ends with `e`.
+    fn abort_chunk(&mut self, job: u64, e: Error) {
+        self.jobs.send(job, JobMsg::Abort(e));
+        self.jobs.retire(job);
+        self.jobs.end(job);
     }
 
     fn isend(&mut self, r: usize, bytes: Vec<u8>) {
@@ -262,13 +260,12 @@ impl Leader {
     }
 
     fn on_message(&mut self, src: usize, bytes: Vec<u8>) {
-        let (header, body) = match wire::decode_owned::<FromRank>(bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                log::error!("multiproc: mpi: a message from rank {src} does not decode: {e}");
-                return;
-            }
-        };
+        if let Some((header, body)) = decode_from(src, bytes) {
+            self.handle(src, header, body);
+        }
+    }
+
+    fn handle(&mut self, src: usize, header: FromRank, body: Vec<u8>) {
         match header {
             FromRank::Results {
                 job,
@@ -301,14 +298,13 @@ impl Leader {
             }
             FromRank::Abort { job, error } => {
                 self.jobs.send(job, JobMsg::Abort(error.into_error(src)));
-                let held = std::mem::take(&mut self.ranks[src].inflight);
-                for c in held {
+                let jobs = &mut self.jobs;
+                self.ranks[src].inflight.retain(|c| {
                     if c.job == job {
-                        self.jobs.retire(job);
-                    } else {
-                        self.ranks[src].inflight.push(c);
+                        jobs.retire(job);
                     }
-                }
+                    c.job != job
+                });
                 self.jobs.end(job);
             }
             other => log::error!("multiproc: mpi: unexpected message from rank {src}: {other:?}"),
@@ -379,10 +375,10 @@ impl Leader {
             let mut got = false;
             while let Some((src, bytes)) = link::try_recv_any(&self.world) {
                 got = true;
-                if matches!(wire::decode::<FromRank>(&bytes), Ok((FromRank::Bye, _))) {
-                    left -= 1;
-                } else if !now {
-                    self.on_message(src, bytes);
+                match decode_from(src, bytes) {
+                    Some((FromRank::Bye, _)) => left -= 1,
+                    Some((header, body)) if !now => self.handle(src, header, body),
+                    _ => {}
                 }
             }
             if got {
@@ -394,6 +390,17 @@ impl Leader {
             log::error!("multiproc: mpi: {left} ranks did not answer the close in time");
         }
         self.jobs.abort_all(|| Error::PoolClosed);
+    }
+}
+
+/// A message from rank `src`, decoded (logged when it does not decode).
+fn decode_from(src: usize, bytes: Vec<u8>) -> Option<(FromRank, Vec<u8>)> {
+    match wire::decode_owned::<FromRank>(bytes) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log::error!("multiproc: mpi: a message from rank {src} does not decode: {e}");
+            None
+        }
     }
 }
 

@@ -151,7 +151,7 @@ impl Server {
         };
         match local.raw.recv_deadline(Instant::now() + MAX_SLEEP) {
             Mail::Msg(msg) => {
-                local.outstanding = local.outstanding.saturating_sub(done_by(&msg));
+                local.outstanding = local.outstanding.saturating_sub(msg.items());
                 forward_one(&self.world, job, msg);
             }
             Mail::Empty => {}
@@ -171,7 +171,7 @@ impl Server {
                 match local.raw.try_recv() {
                     Mail::Msg(msg) => {
                         progress = true;
-                        local.outstanding = local.outstanding.saturating_sub(done_by(&msg));
+                        local.outstanding = local.outstanding.saturating_sub(msg.items());
                         forward_one(&self.world, job, msg);
                     }
                     Mail::Empty => break,
@@ -190,15 +190,6 @@ impl Server {
 
     fn send(&self, header: &FromRank, body: Vec<u8>) {
         send(&self.world, header, body);
-    }
-}
-
-/// The items a message of the local pool accounts for.
-fn done_by(msg: &JobMsg) -> u64 {
-    match msg {
-        JobMsg::Results { count, .. } => u64::from(*count),
-        JobMsg::Failed { .. } => 1,
-        JobMsg::Abort(_) => u64::MAX,
     }
 }
 

@@ -204,11 +204,7 @@ mod tests {
             jobs.retain(|_, p| loop {
                 match p.raw.try_recv() {
                     Mail::Msg(m) => {
-                        p.left = p.left.saturating_sub(match &m {
-                            JobMsg::Results { count, .. } => u64::from(*count),
-                            JobMsg::Failed { .. } => 1,
-                            JobMsg::Abort(_) => u64::MAX,
-                        });
+                        p.left = p.left.saturating_sub(m.items());
                         p.tx.send(m);
                     }
                     Mail::Empty => return !(p.sealed && p.left == 0),

@@ -69,6 +69,18 @@ pub(crate) enum JobMsg {
     Abort(Error),
 }
 
+impl JobMsg {
+    /// The items this message accounts for (`u64::MAX`: all that are left).
+    #[cfg(any(test, feature = "mpi"))]
+    pub(crate) fn items(&self) -> u64 {
+        match self {
+            JobMsg::Results { count, .. } => u64::from(*count),
+            JobMsg::Failed { .. } => 1,
+            JobMsg::Abort(_) => u64::MAX,
+        }
+    }
+}
+
 /// Wakes the dispatcher out of `poll`: a non-blocking socket, written only
 /// when `notified` was clear, so bursts of commands cost one write.
 #[derive(Debug)]
